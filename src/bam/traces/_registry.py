@@ -8,10 +8,18 @@ from pathlib import Path
 from bam.errors import TraceFormatError
 from bam.events import Trace
 from bam.traces.adfa import iter_adfa
+from bam.traces.lidds import iter_lidds
+from bam.traces.recording import iter_recordings
+from bam.traces.strace import iter_strace
 
 Reader = Callable[[Path], Iterator[Trace]]
 
-_READERS: dict[str, Reader] = {"adfa": iter_adfa}
+_READERS: dict[str, Reader] = {
+    "adfa": iter_adfa,
+    "strace": iter_strace,
+    "lidds": iter_lidds,
+    "bam": iter_recordings,
+}
 
 
 def register(name: str, reader: Reader) -> None:
