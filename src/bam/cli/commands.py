@@ -2,3 +2,8 @@
 
 One line per module; a module adds its own Typer group or command.
 """
+
+from bam.cli import (
+    bench,  # noqa: F401  (first: other modules add to the bench group)
+    report,  # noqa: F401
+)
