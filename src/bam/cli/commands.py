@@ -3,7 +3,12 @@
 One line per module; a module adds its own Typer group or command.
 """
 
-from bam.cli import (
-    bench,  # noqa: F401  (first: other modules add to the bench group)
-    report,  # noqa: F401
+from bam.cli import (  # noqa: F401
+    baseline,
+    bench,
+    bench_score,
+    demo,
+    evaluate,
+    report,
+    score,
 )

@@ -1,0 +1,348 @@
+"""A Baseline: a fitted detector plus thresholds calibrated on held-out *normal* data.
+
+A user gives only normal runs, so the profiling data itself is split: the detector learns from
+one part and the thresholds come from its scores on the other, at a target false-alarm rate
+(a conformal order statistic, so the rate holds for new normal data from the same workload).
+
+Scoring is local: each thread's calls are scored in context, averaged over sliding frames of
+``window`` calls, and a trace is as anomalous as its worst frame (relative to the frame
+threshold) or its overall mean (relative to the mean threshold), whichever is further past its
+threshold. A short attack inside a long, otherwise normal trace therefore still stands out,
+while a trace that is mildly odd throughout is caught by its mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+
+from bam.detect.severity import severity_of_windows
+from bam.errors import ModelError
+from bam.events import Trace
+from bam.models.base import CallDetector, Contribution, Detector
+from bam.models.ensemble import split_holdout
+from bam.models.persistence import load_artifact, save_artifact
+
+F64 = npt.NDArray[np.float64]
+I32 = npt.NDArray[np.int32]
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadScores:
+    """Window scores of one thread: frame ``i`` covers calls ``starts[i] : starts[i] + window``."""
+
+    tid_index: int
+    starts: npt.NDArray[np.int64]
+    scores: F64
+    mean: float
+    length: int
+
+
+@dataclass
+class Verdict:
+    """The baseline's judgement of one trace (what ``bam score --json`` prints)."""
+
+    trace: str
+    score: float
+    threshold: float
+    anomalous: bool
+    severity: str
+    severity_value: float
+    first_anomaly_ts: float | None
+    top: list[dict[str, Any]] = field(default_factory=list)
+    windows: int = 0
+    anomalous_windows: int = 0
+    calls: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def conformal_threshold(scores: npt.ArrayLike, far: float) -> float:
+    """Score that at most ``far`` of new normal samples exceed (split-conformal order statistic).
+
+    With too few samples for the requested rate, the maximum is used, nudged up by a small
+    relative margin so that the calibration data itself does not alarm.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(s) == 0:
+        raise ValueError("no calibration scores")
+    k = math.ceil((len(s) + 1) * (1.0 - far))
+    if k > len(s):
+        top = float(s[-1])
+        return top + max(abs(top) * 0.05, 1e-9)
+    return float(s[k - 1])
+
+
+class Baseline:
+    """A detector of normal behaviour with calibrated window, mean and trace thresholds."""
+
+    def __init__(
+        self,
+        detector: Detector,
+        window: int = 100,
+        target_far: float = 0.01,
+        holdout: float = 0.25,
+        seed: int = 0,
+    ) -> None:
+        if window < 2:
+            raise ValueError("window must be >= 2 calls")
+        if not 0.0 < target_far < 0.5:
+            raise ValueError("target_far must be in (0, 0.5)")
+        if not 0.0 < holdout < 1.0:
+            raise ValueError("holdout must be in (0, 1)")
+        self.detector = detector
+        self.window = window
+        self.target_far = target_far
+        self.holdout = holdout
+        self.seed = seed
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, traces: Sequence[Trace]) -> Self:
+        """Fit the detector on part of ``traces`` and calibrate thresholds on the rest."""
+        traces = [t for t in traces if len(t.events)]
+        if not traces:
+            raise ModelError("no non-empty normal traces to fit a baseline on")
+        seqs_per_trace = [t.sequences() for t in traces]
+        if len(traces) >= 4:
+            fit_i, cal_i = split_holdout(len(traces), self.holdout, self.seed)
+            fit_seqs = [s for i in fit_i for s in seqs_per_trace[i]]
+            cal = [seqs_per_trace[i] for i in cal_i]
+        else:
+            # Too few runs to hold some out: learn from the start of every thread, calibrate
+            # on its end (later behaviour of the same normal run).
+            fit_seqs, cal = [], []
+            for seqs in seqs_per_trace:
+                cut = [max(1, int(len(s) * (1 - self.holdout))) for s in seqs]
+                fit_seqs += [s[:c] for s, c in zip(seqs, cut, strict=True)]
+                cal.append([s[c:] for s, c in zip(seqs, cut, strict=True) if len(s) > c])
+            cal = [c for c in cal if c]
+            if not cal:
+                raise ModelError("normal traces are too short to hold out calibration data")
+        self.detector.fit(fit_seqs)
+        self.history_: list[dict[str, Any]] = []
+        self.n_fit_calls_ = int(sum(len(s) for s in fit_seqs))
+        self.n_traces_ = len(traces)
+        per_trace = [self._thread_scores(seqs) for seqs in cal]
+        all_windows = np.concatenate([ts.scores for tr in per_trace for ts in tr])
+        all_means = np.array([ts.mean for tr in per_trace for ts in tr])
+        # Scores of some detectors are negative (log-densities): magnitudes are measured from
+        # the typical normal score, so "1" means "at threshold" whatever the detector's units.
+        self.window_center_ = float(np.median(all_windows))
+        self.mean_center_ = float(np.median(all_means))
+        self.window_threshold_ = _above(
+            conformal_threshold(all_windows, self.target_far), self.window_center_
+        )
+        self.mean_threshold_ = _above(
+            conformal_threshold(all_means, self.target_far), self.mean_center_
+        )
+        self.trace_threshold_ = 1.0
+        stats = np.array([self._statistic(tr) for tr in per_trace])
+        self.trace_threshold_ = conformal_threshold(stats, self.target_far)
+        self.calibration_ = {
+            "traces": len(per_trace),
+            "windows": len(all_windows),
+            "window_score_median": float(np.median(all_windows)),
+            "trace_statistic_median": float(np.median(stats)),
+        }
+        self.fitted_ = True
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def _thread_scores(self, seqs: Sequence[I32]) -> list[ThreadScores]:
+        seqs = [s for s in seqs if len(s)]
+        w = self.window
+        out: list[ThreadScores] = []
+        if isinstance(self.detector, CallDetector):
+            for i, cs in enumerate(self.detector.call_scores(seqs)):
+                if len(cs) <= w:
+                    starts = np.zeros(1, dtype=np.int64)
+                    frames = np.array([cs.mean()])
+                else:
+                    c = np.concatenate([[0.0], np.cumsum(cs)])
+                    frames = (c[w:] - c[:-w]) / w
+                    starts = np.arange(len(frames), dtype=np.int64)
+                out.append(ThreadScores(i, starts, frames, float(cs.mean()), len(cs)))
+            return out
+        # order-blind detectors: half-overlapping windows, plus the whole thread for its mean
+        slices: list[I32] = []
+        owners: list[tuple[int, int]] = []
+        for i, s in enumerate(seqs):
+            offs = range(0, max(1, len(s) - w + 1), max(1, w // 2)) if len(s) > w else range(1)
+            for a in offs:
+                slices.append(s[a : a + w])
+                owners.append((i, a))
+        win = self.detector.score(slices) if slices else np.empty(0)
+        whole = self.detector.score(seqs) if seqs else np.empty(0)
+        own = np.array([o[0] for o in owners], dtype=np.int64)
+        st = np.array([o[1] for o in owners], dtype=np.int64)
+        for i, s in enumerate(seqs):
+            m = own == i
+            out.append(ThreadScores(i, st[m], win[m], float(whole[i]), len(s)))
+        return out
+
+    def _statistic(self, threads: Sequence[ThreadScores]) -> float:
+        """Trace statistic: furthest excess of any frame or any thread mean over its threshold."""
+        if not threads:
+            return 0.0
+        frame = self.window_magnitude(max(float(t.scores.max()) for t in threads))
+        mean = (max(t.mean for t in threads) - self.mean_center_) / (
+            self.mean_threshold_ - self.mean_center_
+        )
+        return float(max(frame, mean))
+
+    def window_magnitude(self, score: npt.ArrayLike) -> Any:
+        """How far past the window threshold: 1 at threshold, 0 at the typical normal score."""
+        c = self.window_center_
+        return (np.asarray(score, dtype=np.float64) - c) / (self.window_threshold_ - c)
+
+    def check_fitted(self) -> None:
+        if not getattr(self, "fitted_", False):
+            raise ModelError("baseline is not fitted")
+
+    def score_windows(self, seqs: Sequence[I32]) -> list[ThreadScores]:
+        """Frame scores of each sequence (for the live monitor and plots)."""
+        self.check_fitted()
+        return self._thread_scores(seqs)
+
+    def score_trace(self, trace: Trace, top: int = 5) -> Verdict:
+        """Judge one trace: score, anomalous flag, severity, first anomaly time, top features."""
+        self.check_fitted()
+        thread_idx = [idx for _, idx in trace.events.threads()]
+        thread_idx.sort(key=lambda ix: int(ix[0]))
+        seqs = [trace.events.sid[ix] for ix in thread_idx]
+        keep = [i for i, s in enumerate(seqs) if len(s)]
+        seqs = [seqs[i] for i in keep]
+        thread_idx = [thread_idx[i] for i in keep]
+        threads = self._thread_scores(seqs)
+        if not threads:
+            return Verdict(trace.name, 0.0, self.trace_threshold_, False, "none", 0.0, None)
+        stat = self._statistic(threads)
+        anomalous = stat > self.trace_threshold_
+        w = self.window
+        n_windows = 0
+        n_anom = 0
+        first_ts: float | None = None
+        sev_value = 0.0
+        for ts in threads:
+            # non-overlapping windows for frequency counting
+            step = max(1, w if isinstance(self.detector, CallDetector) else 2)
+            mags = self.window_magnitude(ts.scores[::step])
+            n_windows += len(mags)
+            n_anom += int((mags > 1.0).sum())
+            v, _ = severity_of_windows(mags)
+            sev_value = max(sev_value, v)
+            over = np.flatnonzero(ts.scores > self.window_threshold_)
+            if len(over):
+                call = int(thread_idx[ts.tid_index][int(ts.starts[over[0]])])
+                t0 = float(trace.events.ts[call])
+                if not math.isnan(t0) and (first_ts is None or t0 < first_ts):
+                    first_ts = t0
+        if anomalous and sev_value < 1.0:
+            sev_value = max(1.0, stat / max(self.trace_threshold_, 1e-9))
+        if not anomalous:
+            sev_value = 0.0
+        from bam.detect.severity import level_of
+
+        severity = level_of(sev_value) if anomalous else "none"
+        # explanation from the worst frame of the worst thread
+        worst = max(threads, key=lambda t: float(t.scores.max()))
+        a = int(worst.starts[int(np.argmax(worst.scores))])
+        # explain the worst frame, with a little preceding context for the n-gram models
+        seg = seqs[worst.tid_index][max(0, a - 8) : a + w]
+        contribs: list[Contribution] = self.detector.explain(seg, top) if len(seg) else []
+        if anomalous and first_ts is None:
+            t0 = float(trace.events.ts[int(thread_idx[worst.tid_index][a])])
+            first_ts = None if math.isnan(t0) else t0
+        return Verdict(
+            trace=trace.name,
+            score=round(stat, 6),
+            threshold=round(self.trace_threshold_, 6),
+            anomalous=bool(anomalous),
+            severity=severity,
+            severity_value=round(sev_value, 4),
+            first_anomaly_ts=first_ts,
+            top=[c.as_dict() for c in contribs],
+            windows=n_windows,
+            anomalous_windows=n_anom,
+            calls=int(sum(t.length for t in threads)),
+        )
+
+    def trace_scores(self, traces: Sequence[Sequence[I32]]) -> F64:
+        """Trace statistic for many traces given as per-thread sequences (batched, for eval)."""
+        self.check_fitted()
+        flat = [s for seqs in traces for s in seqs if len(s)]
+        owner = np.repeat(
+            np.arange(len(traces)), [sum(1 for s in seqs if len(s)) for seqs in traces]
+        )
+        threads = self._thread_scores(flat)
+        out = np.zeros(len(traces))
+        for t, o in zip(threads, owner, strict=True):
+            out[o] = max(out[o], self._statistic([t]))
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def thresholds(self) -> dict[str, float]:
+        return {
+            "window": self.window_threshold_,
+            "window_center": self.window_center_,
+            "mean": self.mean_threshold_,
+            "mean_center": self.mean_center_,
+            "trace": self.trace_threshold_,
+        }
+
+    def save(self, path: str | Path, history: list[dict[str, Any]] | None = None) -> str:
+        """Save detector + thresholds as one artefact; returns its ``model_id``."""
+        self.check_fitted()
+        det_meta, arrays = self.detector.state()
+        meta = {
+            "detector": det_meta,
+            "params": {
+                "window": self.window,
+                "target_far": self.target_far,
+                "holdout": self.holdout,
+                "seed": self.seed,
+            },
+            "thresholds": self.thresholds(),
+            "calibration": self.calibration_,
+            "n_fit_calls": self.n_fit_calls_,
+            "n_traces": self.n_traces_,
+            "history": history if history is not None else getattr(self, "history_", []),
+        }
+        mid = save_artifact(path, "baseline", meta, arrays)
+        self.model_id_ = mid
+        return mid
+
+    @classmethod
+    def load(cls, path: str | Path, expect_model_id: str | None = None) -> Baseline:
+        """Load and verify a saved baseline (refused if altered or not the expected id)."""
+        meta, arrays, mid = load_artifact(path, "baseline", expect_model_id)
+        try:
+            det = Detector.from_state(meta["detector"], arrays)
+            b = cls(det, **meta["params"])
+            th = meta["thresholds"]
+            b.window_threshold_ = float(th["window"])
+            b.mean_threshold_ = float(th["mean"])
+            b.window_center_ = float(th["window_center"])
+            b.mean_center_ = float(th["mean_center"])
+            b.trace_threshold_ = float(th["trace"])
+            b.calibration_ = dict(meta.get("calibration", {}))
+            b.n_fit_calls_ = int(meta.get("n_fit_calls", 0))
+            b.n_traces_ = int(meta.get("n_traces", 0))
+            b.history_ = list(meta.get("history", []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"{path}: baseline metadata is incomplete: {e}") from None
+        b.model_id_ = mid
+        b.fitted_ = True
+        return b
+
+
+def _above(threshold: float, center: float) -> float:
+    """Magnitudes divide by ``threshold - center``: keep the threshold strictly above."""
+    return max(threshold, center + max(abs(center) * 1e-6, 1e-9))

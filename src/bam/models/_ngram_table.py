@@ -1,0 +1,126 @@
+"""Sorted n-gram count tables shared by stide, t-stide and the n-gram language model.
+
+Keys are uint64 (see :mod:`bam.features.ngrams`); lookups are ``np.searchsorted`` over the sorted
+key array, one vectorised pass per order, so scoring needs no Python loop per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from bam.features.ngrams import PAD_ID, Packed, ngram_keys, pack, render
+from bam.features.vocabulary import PAD, Vocabulary
+
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+
+
+def count(keys: U64) -> tuple[U64, I64]:
+    """Sorted unique keys and their counts."""
+    k, c = np.unique(keys, return_counts=True)
+    return k, c.astype(np.int64)
+
+
+_MULT = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing
+
+
+class KeyIndex:
+    """Open-addressing hash index over a sorted key array: key -> position in that array.
+
+    ``np.searchsorted`` costs ~log2(n) dependent cache misses per query; a hash table with load
+    factor <= 1/4 needs ~1.2 probes, which is what lets the n-gram detectors score millions of
+    events per second in numpy. Built from the keys (not persisted: it is derived data).
+    """
+
+    def __init__(self, keys: U64) -> None:
+        self.keys = keys
+        n = max(1, len(keys))
+        self.bits = max(4, int(4 * n - 1).bit_length())
+        size = 1 << self.bits
+        self.slots = np.full(size, -1, dtype=np.int64)
+        self._shift = np.uint64(64 - self.bits)
+        h = self._hash(keys)
+        pending = np.arange(len(keys), dtype=np.int64)
+        while len(pending):
+            slot = h[pending]
+            free = self.slots[slot] == -1
+            # Several keys may want one free slot: the first of each wins this round.
+            cand_slot, first = np.unique(slot[free], return_index=True)
+            winners = pending[free][first]
+            self.slots[cand_slot] = winners
+            placed = np.zeros(len(pending), dtype=bool)
+            placed[np.flatnonzero(free)[first]] = True
+            pending = pending[~placed]
+            h[pending] = (h[pending] + 1) & (size - 1)
+
+    def _hash(self, keys: U64) -> npt.NDArray[np.int64]:
+        return ((keys * _MULT) >> self._shift).astype(np.int64)
+
+    def find(self, query: U64) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Position of each query key in ``keys`` and whether it is present."""
+        idx = np.zeros(len(query), dtype=np.int64)
+        found = np.zeros(len(query), dtype=bool)
+        if len(self.keys) == 0 or len(query) == 0:
+            return idx, found
+        mask = (1 << self.bits) - 1
+        slot = self._hash(query)
+        todo = np.arange(len(query))
+        while len(todo):
+            cand = self.slots[slot]
+            empty = cand == -1
+            hit = ~empty
+            hit[hit] = self.keys[cand[hit]] == query[todo[hit]]
+            idx[todo[hit]] = cand[hit]
+            found[todo[hit]] = True
+            go_on = ~(empty | hit)
+            todo = todo[go_on]
+            slot = (slot[go_on] + 1) & mask
+        return idx, found
+
+
+def lookup(
+    table: U64 | KeyIndex, query: U64
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """Index of each query key in ``table`` (sorted keys or a :class:`KeyIndex`), and presence."""
+    if isinstance(table, KeyIndex):
+        return table.find(query)
+    if len(table) == 0:
+        z = np.zeros(len(query), dtype=np.int64)
+        return z, np.zeros(len(query), dtype=bool)
+    idx = np.searchsorted(table, query).astype(np.int64)
+    idx[idx >= len(table)] = 0
+    return idx, table[idx] == query
+
+
+def encode_pack(vocab: Vocabulary, seqs: Sequence[npt.NDArray[np.int32]], n: int) -> Packed:
+    """Pack sequences with ``n - 1`` pads, then dense-code them in one pass."""
+    p = pack(seqs, pad=n - 1)
+    codes = vocab.encode(p.codes)
+    codes[p.codes == PAD_ID] = PAD
+    return Packed(codes=codes, pos=p.pos, offsets=p.offsets, pad=p.pad)
+
+
+def gram_name(vocab: Vocabulary, key: int, n: int) -> str:
+    """An n-gram key as syscall names, e.g. ``open read mmap`` (leading pads dropped)."""
+    codes = render(key, n, vocab.bits)
+    while len(codes) > 1 and codes[0] == 0:
+        codes = codes[1:]
+    return " ".join(vocab.name(c) for c in codes)
+
+
+def top_grams(
+    vocab: Vocabulary, seq: npt.NDArray[np.int32], n: int, scores: npt.NDArray[np.float64], top: int
+) -> list[tuple[str, float, int]]:
+    """The ``top`` distinct n-grams of ``seq`` with the highest per-call score."""
+    if len(seq) == 0:
+        return []
+    keys = ngram_keys(encode_pack(vocab, [seq], n), n, vocab.bits)
+    uniq, inv = np.unique(keys, return_inverse=True)
+    best = np.full(len(uniq), -np.inf)
+    np.maximum.at(best, inv, scores)
+    cnt = np.bincount(inv, minlength=len(uniq))
+    order = np.argsort(-best, kind="stable")[:top]
+    return [(gram_name(vocab, int(uniq[i]), n), float(best[i]), int(cnt[i])) for i in order]
