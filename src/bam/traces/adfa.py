@@ -53,7 +53,9 @@ def read_adfa(path: str | Path) -> Trace:
     except (ValueError, OverflowError):
         line, tok = _first_bad_token(text)
         if tok.isdigit():
-            raise TraceFormatError(p, f"syscall number {tok[:40]} out of range 0..1023", line) from None
+            raise TraceFormatError(
+                p, f"syscall number {tok[:40]} out of range 0..1023", line
+            ) from None
         raise TraceFormatError(p, f"expected a syscall number, found {tok[:40]!r}", line) from None
     if nrs.min() < 0 or nrs.max() >= 1024:
         line, tok = _first_bad_token(text)
