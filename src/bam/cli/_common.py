@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bam.errors import BamError
 
@@ -41,7 +42,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except BamError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

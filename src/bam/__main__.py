@@ -1,0 +1,5 @@
+"""``python -m bam`` runs the CLI."""
+
+from bam.cli import main
+
+main()
