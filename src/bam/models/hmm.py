@@ -28,6 +28,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 from scipy import sparse
+from threadpoolctl import threadpool_limits
 
 from bam.features.ngrams import ngram_keys
 from bam.features.vocabulary import OOV, PAD, Vocabulary
@@ -161,6 +162,11 @@ class HMM(CallDetector):
         return p.split(np.where(found, idx + 2, OOV).astype(np.int64))
 
     def fit(self, seqs: Sequence[I32]) -> Self:
+        # Per-step matrices are small (batch x states): BLAS threads only contend, so use one.
+        with threadpool_limits(1):
+            return self._fit(seqs)
+
+    def _fit(self, seqs: Sequence[I32]) -> Self:
         seqs = [s for s in seqs if len(s)]
         if not seqs:
             raise ValueError("cannot fit an HMM on no calls")
@@ -250,6 +256,10 @@ class HMM(CallDetector):
         self.check_fitted()
         if not seqs:
             return []
+        with threadpool_limits(1):
+            return self._call_scores(seqs)
+
+    def _call_scores(self, seqs: Sequence[I32]) -> list[F64]:
         coded = self._tokens(seqs)
         obs, lens, order = _batch(coded)
         t_max = obs.shape[1]
