@@ -12,3 +12,7 @@ from bam.cli import (  # noqa: F401
     report,
     score,
 )
+
+# isort: off
+from bam.cli import record  # noqa: F401
+from bam.cli import bench_capture  # noqa: F401
