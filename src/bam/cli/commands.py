@@ -16,3 +16,5 @@ from bam.cli import (  # noqa: F401
 # isort: off
 from bam.cli import record  # noqa: F401
 from bam.cli import bench_capture  # noqa: F401
+from bam.cli import server  # noqa: F401
+from bam.cli import bench_server  # noqa: F401

@@ -1,0 +1,54 @@
+"""``bam bench server``: evidence per second and latency of the attestation server."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from bam.cli._common import console, print_json, user_errors
+from bam.cli.bench import app as bench_app
+
+
+@bench_app.command("server")
+def bench_server_cmd(
+    agents: Annotated[
+        int, typer.Option("--agents", min=1, help="Simulated agents (processes).")
+    ] = 6,
+    duration: Annotated[
+        float, typer.Option("--duration", min=1, help="Measured seconds per run.")
+    ] = 10.0,
+    warmup: Annotated[
+        float, typer.Option("--warmup", min=0, help="Unmeasured seconds first.")
+    ] = 2.0,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="uvicorn workers.")] = 2,
+    database: Annotated[
+        list[str] | None,
+        typer.Option("--database", help="sqlite and/or postgresql (repeatable; default both)."),
+    ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls/--no-tls", help="HTTPS between agents and server.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """N agent processes send real signed evidence over HTTP; report evidence/s, p50/p99, errors."""
+    from bam.server.bench import bench_server
+
+    with user_errors():
+        result = bench_server(
+            databases=database or ["sqlite", "postgresql"],
+            agents=agents,
+            duration_s=duration,
+            warmup_s=warmup,
+            workers=workers,
+            tls=tls,
+        )
+    if as_json:
+        print_json(result)
+        return
+    for run in result["runs"]:
+        console.print(
+            f"{run['database']:<11} agents {run['agents']:>3}  {run['evidence_per_s']:>8.1f} evidence/s  "
+            f"p50 {run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms  errors {run['errors']}",
+            highlight=False,
+        )

@@ -1,0 +1,279 @@
+"""``bam bench server``: N simulated agents, as separate processes, against a real server.
+
+Each agent process enrols with its own fresh Ed25519 key, registers a workload, then loops:
+build and sign the next token of its chain (real measurements of 24 files of its own process,
+BAM's code digest, and a behaviour summary whose scores change every window), POST it, take the
+next nonce from the response. Latency is the client-side round trip of that POST. Figures are
+measured after a warm-up, over the same wall-clock window in every agent.
+
+The server runs as ``bam server run --workers W`` on loopback, over SQLite (WAL, in a
+temporary directory) and over a throwaway PostgreSQL cluster; agents and server share this
+machine's cores, so the figures are a floor for a server with cores of its own. To tell
+the two apart the run also reports CPU milliseconds per evidence spent in the server processes
+and in the agents (``server_cpu_ms_per_evidence``, ``agent_cpu_ms_per_evidence``): cores ÷ the
+server figure is the throughput a dedicated machine of this speed would sustain.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import statistics
+import tempfile
+import time
+from collections import Counter
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+from bam.errors import BamError
+
+
+def _agent_main(
+    url: str,
+    token: str,
+    name: str,
+    verify: bool | str,
+    warmup_s: float,
+    duration_s: float,
+    ready: Connection,
+    go: Event,
+) -> None:
+    import httpx
+
+    from bam.evidence.claims import BehaviorCounts, BehaviorSummary, Target
+    from bam.evidence.keys.software import SoftwareSigner
+    from bam.evidence.measure import collect_measurements, measure_process
+    from bam.evidence.token import EvidenceBuilder
+    from bam.server.client import AgentClient, tls_verify
+
+    out: dict[str, Any] = {"latencies": [], "ok": 0, "errors": 0, "reasons": {}, "sent": 0}
+    try:
+        signer = SoftwareSigner.generate()
+        proc = measure_process(os.getpid())
+        measurements = collect_measurements(
+            Target(kind="process", name=name, pid=proc.pid), files=proc.files[:24]
+        )
+        http = httpx.Client(base_url=url, verify=tls_verify(verify), timeout=30.0)
+        client = AgentClient(url, signer, client=http)
+        client.enrol(token, name)
+        client.register_workload(name, "process", 3600.0)
+        nonce = client.challenge()
+        builder = EvidenceBuilder(signer)
+        rng = random.Random()  # noqa: S311  (simulated scores, not secrets)
+        counts = BehaviorCounts(new_processes=0, new_listening_ports=0, exec_mappings=0)
+        ready.send("ready")
+    except Exception as e:
+        ready.send(f"error: {type(e).__name__}: {e}")
+        return
+    go.wait()
+    start = time.time()
+    measure_from, end = start + warmup_s, start + warmup_s + duration_s
+    reasons: Counter[str] = Counter()
+    window = 1_700_000_000.0
+    cpu_from: float | None = None
+    while True:
+        now = time.time()
+        if now >= end:
+            break
+        if cpu_from is None and now >= measure_from:
+            cpu_from = time.process_time()
+        window += 10.0
+        behavior = BehaviorSummary(
+            window_start=window - 10.0,
+            window_end=window,
+            baseline_id="0" * 64,
+            scores={
+                "ngram": rng.uniform(0, 0.3),
+                "hmm": rng.uniform(0, 8),
+                "gmm": rng.uniform(0, 2),
+            },
+            thresholds={"ngram": 0.3, "hmm": 9.1, "gmm": 2.0},
+            severity="none",
+            label="normal",
+            probability=round(rng.uniform(0.9, 1.0), 3),
+            top_features=["openat->read", "read->close", "mmap->mprotect"],
+            counts=counts,
+            raw_log_sha256=f"{rng.getrandbits(256):064x}",
+        )
+        token_text = builder.build(nonce, measurements, behavior).token
+        measured = now >= measure_from
+        t0 = time.perf_counter()
+        try:
+            r = http.post("/v1/evidence", json={"token": token_text})
+            dt = time.perf_counter() - t0
+            if r.status_code == 200:
+                nonce = r.json()["next_challenge"]["nonce"]
+                if measured:
+                    out["latencies"].append(dt)
+                    out["ok"] += 1
+                continue
+            reason = r.json().get("reason", f"http_{r.status_code}")
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            reason = type(e).__name__
+        if measured:
+            out["errors"] += 1
+            reasons[reason] += 1
+        try:
+            nonce = client.challenge()
+        except Exception:
+            time.sleep(0.05)
+    out["reasons"] = dict(reasons)
+    out["cpu_s"] = time.process_time() - cpu_from if cpu_from is not None else 0.0
+    http.close()
+    ready.send(out)
+
+
+class _ProcessTreeCpu:
+    """CPU seconds (user + system) of a process group: the server and its workers (Linux)."""
+
+    def __init__(self, pgid: int) -> None:
+        self.pgid = pgid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def read(self) -> float:
+        total = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            # fields[2] is the process group; fields[11], fields[12] are utime, stime (ticks).
+            if int(fields[2]) == self.pgid:
+                total += int(fields[11]) + int(fields[12])
+        return total / self.tick
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 1000) - 1]
+
+
+def _run_one(
+    database: str, agents: int, duration_s: float, warmup_s: float, workers: int, tls: bool
+) -> dict[str, Any]:
+    from contextlib import ExitStack
+
+    from bam.server.harness import ServerProcess
+    from bam.server.pgtemp import TempPostgres
+    from bam.server.service import Service
+    from bam.server.settings import ServerSettings
+    from bam.server.tls import make_certificates
+
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bam-bench-")))
+        env = {
+            "BAM_SERVER_DIR": str(tmp / "server"),
+            "BAM_AGENT_REQUESTS_PER_MINUTE": "100000000",
+            "BAM_LOG_LEVEL": "warning",
+            "BAM_STALE_CHECK_S": "30",
+        }
+        if database == "postgresql":
+            pg = stack.enter_context(TempPostgres())
+            env["BAM_DATABASE_URL"] = pg.url
+        elif database != "sqlite":
+            raise BamError(f"--database {database!r}: expected sqlite or postgresql")
+        settings = ServerSettings(
+            server_dir=tmp / "server", database_url=env.get("BAM_DATABASE_URL")
+        )
+        svc = Service(settings)
+        tokens = [svc.create_enrol_token("bench")[0] for _ in range(agents)]
+        svc.close()
+        verify: bool | str = False
+        if tls:
+            paths = make_certificates(settings.tls_dir, ["127.0.0.1", "localhost"])
+            verify = str(paths["ca"])
+        srv = stack.enter_context(
+            ServerProcess(env, workers=workers, tls=tls, log_path=tmp / "server.log")
+        )
+        ctx = mp.get_context("spawn")
+        go = ctx.Event()
+        pipes, procs = [], []
+        for i in range(agents):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(
+                target=_agent_main,
+                args=(
+                    srv.url,
+                    tokens[i],
+                    f"bench-{i:03d}",
+                    verify,
+                    warmup_s,
+                    duration_s,
+                    child,
+                    go,
+                ),
+                daemon=True,
+            )
+            p.start()
+            pipes.append(parent)
+            procs.append(p)
+        try:
+            for pipe in pipes:
+                if not pipe.poll(120):
+                    raise BamError("an agent did not get ready within 120 s")
+                msg = pipe.recv()
+                if msg != "ready":
+                    raise BamError(f"agent set-up failed: {msg}")
+            server_cpu = _ProcessTreeCpu(srv.proc.pid if srv.proc else os.getpid())
+            go.set()
+            time.sleep(warmup_s)
+            cpu_start = server_cpu.read()
+            time.sleep(duration_s)
+            server_cpu_s = server_cpu.read() - cpu_start
+            results = []
+            for pipe in pipes:
+                if not pipe.poll(warmup_s + duration_s + 120):
+                    raise BamError("an agent did not report")
+                results.append(pipe.recv())
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+        svc = Service(settings, run_migrations=False)
+        stored = svc.counts()["evidence"]
+        svc.close()
+    latencies = sorted(x for r in results for x in r["latencies"])
+    reasons: Counter[str] = Counter()
+    for r in results:
+        reasons.update(r["reasons"])
+    ok = sum(r["ok"] for r in results)
+    per = 1000.0 / max(ok, 1)
+    return {
+        "database": database,
+        "agents": agents,
+        "evidence_per_s": round(ok / duration_s, 1),
+        "p50_ms": round(_percentile(latencies, 0.5) * 1000, 2),
+        "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
+        "errors": sum(r["errors"] for r in results),
+        "error_reasons": dict(reasons),
+        "measured": ok,
+        "stored_total": stored,
+        "workers": workers,
+        "server_cpu_ms_per_evidence": round(server_cpu_s * per, 3),
+        "agent_cpu_ms_per_evidence": round(sum(r["cpu_s"] for r in results) * per, 3),
+        "duration_s": duration_s,
+        "tls": tls,
+    }
+
+
+def bench_server(
+    databases: list[str] | tuple[str, ...] = ("sqlite", "postgresql"),
+    agents: int = 6,
+    duration_s: float = 10.0,
+    warmup_s: float = 2.0,
+    workers: int = 2,
+    tls: bool = False,
+) -> dict[str, Any]:
+    """One run per database; shape ``{"runs": [{database, agents, evidence_per_s, ...}]}``."""
+    runs = [_run_one(db, agents, duration_s, warmup_s, workers, tls) for db in databases]
+    return {"runs": runs, "cpus": os.cpu_count()}

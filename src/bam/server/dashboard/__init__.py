@@ -1,0 +1,1 @@
+"""The web dashboard: server-rendered HTML (Jinja2), plots as inline SVG, no external assets."""

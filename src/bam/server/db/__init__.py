@@ -1,0 +1,1 @@
+"""Database: the schema (:mod:`.models`), engine set-up (:mod:`.engine`) and Alembic migrations."""

@@ -1,0 +1,113 @@
+"""``bam server`` administration commands and ``bam bench server`` (in-process CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bam.cli import app
+from bam.server.policy import default_source
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("BAM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("BAM_DATABASE_URL", raising=False)
+    monkeypatch.delenv("BAM_SERVER_DIR", raising=False)
+    monkeypatch.setenv("BAM_CONFIG", str(tmp_path / "none.toml"))
+    return tmp_path
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_init_makes_database_key_tls_and_admin_token(home: Path) -> None:
+    code, out, err = _run("server", "init", "--json")
+    assert code == 0, out + err
+    info = json.loads(out)
+    server_dir = home / "data" / "server"
+    assert info["database"].startswith("sqlite:///")
+    assert (server_dir / "bam.db").exists()
+    assert info["schema_revision"] == "0001"
+    assert info["policy"] == "bam-default@v1"
+    assert info["admin_token"].startswith("bamop_")
+    token_file = Path(info["admin_token_file"])
+    assert token_file.read_text().strip() == info["admin_token"]
+    assert token_file.stat().st_mode & 0o077 == 0
+    for name in ("ca.pem", "server.pem", "server-key.pem", "ca-key.pem"):
+        assert (server_dir / "tls" / name).exists()
+    assert (server_dir / "tls" / "server-key.pem").stat().st_mode & 0o077 == 0
+    assert (server_dir / "keys" / "server-ed25519.pem").stat().st_mode & 0o077 == 0
+    # Idempotent: a second init keeps the token and the certificates.
+    code, out, _ = _run("server", "init", "--json")
+    assert code == 0
+    assert "admin_token" not in json.loads(out)
+
+
+def test_tokens_policy_ack_and_workloads(home: Path, tmp_path: Path) -> None:
+    assert _run("server", "init", "--no-tls")[0] == 0
+    code, out, _ = _run("server", "token", "create", "--note", "host-1", "--json")
+    assert code == 0
+    assert json.loads(out)["token"].startswith("bamenr_")
+    code, out, _ = _run("server", "token", "create", "--operator", "grafana", "--role", "viewer")
+    assert code == 0
+    assert out.strip().startswith("bamop_")
+    assert _run("server", "token", "revoke", "grafana")[0] == 0
+
+    broken = tmp_path / "broken.rego"
+    broken.write_text("package bam.policy\nimport rego.v1\ndecision := {\n")
+    code, out, err = _run("server", "policy", "set", str(broken))
+    assert code == 2
+    assert "policy_invalid" in err
+    assert "bam.rego:3:" in " ".join(err.split())  # the Rego error, with its location
+    good = tmp_path / "good.rego"
+    good.write_text(default_source())
+    code, out, _ = _run("server", "policy", "set", str(good), "--json")
+    assert code == 0
+    assert json.loads(out)["version"] == 2
+    code, out, _ = _run("server", "policy", "list", "--json")
+    assert [p["version"] for p in json.loads(out)["policies"]] == [2, 1]
+
+    code, _, err = _run("server", "ack", "no-such-workload")
+    assert code == 2
+    assert "workload_unknown" in err
+    code, out, _ = _run("server", "workloads", "--json")
+    assert code == 0
+    assert json.loads(out) == {"workloads": []}
+
+
+@pytest.mark.slow
+def test_bench_server_json_shape(home: Path) -> None:
+    code, out, err = _run(
+        "bench",
+        "server",
+        "--json",
+        "--database",
+        "sqlite",
+        "--agents",
+        "2",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.5",
+        "--workers",
+        "1",
+    )
+    assert code == 0, out + err
+    result = json.loads(out)
+    (run,) = result["runs"]
+    for key in ("database", "agents", "evidence_per_s", "p50_ms", "p99_ms", "errors"):
+        assert key in run
+    assert run["database"] == "sqlite"
+    assert run["agents"] == 2
+    assert run["evidence_per_s"] > 0
+    assert run["errors"] == 0
+    assert run["p50_ms"] <= run["p99_ms"]
+    assert run["stored_total"] >= run["measured"]
+    assert os.cpu_count() == result["cpus"]
