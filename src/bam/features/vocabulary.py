@@ -44,6 +44,14 @@ class Vocabulary:
         """Bits needed for one code."""
         return max(1, int(self.size - 1).bit_length())
 
+    def max_order(self, wanted: int) -> int:
+        """Longest n-gram (up to ``wanted``) whose packed key fits in 64 bits.
+
+        A host-wide baseline may see hundreds of distinct calls; rather than refusing, n-gram
+        models shorten their context (e.g. 8 -> 7 above 254 calls) and record the order used.
+        """
+        return max(1, min(wanted, 64 // self.bits))
+
     def encode(self, sid: npt.ArrayLike) -> npt.NDArray[np.int64]:
         """Dense codes for canonical ids (unknown -> ``OOV``)."""
         s = np.asarray(sid, dtype=np.int64)
@@ -80,6 +88,8 @@ class Vocabulary:
 
 
 def _id_from_name(name: str) -> int:
+    if name.startswith("#") and name[1:].isdigit():  # an id BAM could not name when saved
+        return int(name[1:])
     if "#" in name:  # unnamed number, e.g. "x86_64#451"
         from bam.syscalls import canonical_ids
 

@@ -12,7 +12,8 @@ import numpy as np
 import numpy.typing as npt
 
 from bam.features.ngrams import PAD_ID, Packed, ngram_keys, pack, render
-from bam.features.vocabulary import PAD, Vocabulary
+from bam.features.vocabulary import OOV, PAD, Vocabulary
+from bam.syscalls import name_of
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
@@ -114,13 +115,28 @@ def gram_name(vocab: Vocabulary, key: int, n: int) -> str:
 def top_grams(
     vocab: Vocabulary, seq: npt.NDArray[np.int32], n: int, scores: npt.NDArray[np.float64], top: int
 ) -> list[tuple[str, float, int]]:
-    """The ``top`` distinct n-grams of ``seq`` with the highest per-call score."""
+    """The ``top`` distinct n-grams of ``seq`` with the highest per-call score.
+
+    N-grams are grouped and named by the sequence's *own* calls, not the model's codes: a call
+    the model never saw (the very thing an explanation must name, e.g. an injected ``execve``)
+    is spelled out, marked ``!`` (``execve!``), instead of collapsing into one "unseen" symbol.
+    """
     if len(seq) == 0:
         return []
-    keys = ngram_keys(encode_pack(vocab, [seq], n), n, vocab.bits)
-    uniq, inv = np.unique(keys, return_inverse=True)
+    local_ids, local = np.unique(np.asarray(seq, dtype=np.int64), return_inverse=True)
+    bits = max(1, int(len(local_ids) + 1).bit_length())
+    order_n = max(1, min(n, 64 // bits))
+    p = pack([local + 1], pad=order_n - 1, fill=0)  # 0 = start pad, 1.. = local call ids
+    keys = ngram_keys(p, order_n, bits)
+    uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
     best = np.full(len(uniq), -np.inf)
     np.maximum.at(best, inv, scores)
     cnt = np.bincount(inv, minlength=len(uniq))
-    order = np.argsort(-best, kind="stable")[:top]
-    return [(gram_name(vocab, int(uniq[i]), n), float(best[i]), int(cnt[i])) for i in order]
+    known = vocab.encode(local_ids) != OOV
+    out = []
+    for i in np.argsort(-best, kind="stable")[:top]:
+        end = int(first[i]) + 1
+        window = local[max(0, end - order_n) : end]
+        words = [name_of(int(local_ids[c])) + ("" if known[c] else "!") for c in window]
+        out.append((" ".join(words), float(best[i]), int(cnt[i])))
+    return out

@@ -19,8 +19,9 @@ import numpy.typing as npt
 from scipy.special import logsumexp
 
 from bam.features.histogram import column_names, frequency_vectors
-from bam.features.vocabulary import Vocabulary
+from bam.features.vocabulary import OOV, Vocabulary
 from bam.models.base import F64, I32, Arrays, Contribution, Detector
+from bam.syscalls import name_of
 
 F2 = npt.NDArray[np.float64]
 
@@ -184,6 +185,9 @@ class HistogramGMM(Detector):
         dev = (x[0] - self.density_.mean_) / np.hypot(self.density_.column_std_, 0.05)
         names = column_names(self.vocab_)
         counts = np.rint((x[0] ** 2) * len(seq)).astype(int)
+        unseen = self.vocab_.encode(seq) == OOV
+        if unseen.any():  # name the calls behind the "unseen" column
+            names[0] = ",".join(name_of(int(c)) + "!" for c in np.unique(seq[unseen]))
         order = np.argsort(-np.abs(dev), kind="stable")[:top]
         return [
             Contribution(

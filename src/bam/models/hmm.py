@@ -157,8 +157,8 @@ class HMM(CallDetector):
     # ---------------------------------------------------------------- EM
     def _tokens(self, seqs: Sequence[I32]) -> list[npt.NDArray[np.int64]]:
         """Each call as a context-token code (``OOV`` for a phrase never seen in training)."""
-        p = encode_pack(self.vocab_, seqs, self.order)
-        idx, found = self.index_.find(ngram_keys(p, self.order, self.vocab_.bits))
+        p = encode_pack(self.vocab_, seqs, self.order_)
+        idx, found = self.index_.find(ngram_keys(p, self.order_, self.vocab_.bits))
         return p.split(np.where(found, idx + 2, OOV).astype(np.int64))
 
     def fit(self, seqs: Sequence[I32]) -> Self:
@@ -171,8 +171,9 @@ class HMM(CallDetector):
         if not seqs:
             raise ValueError("cannot fit an HMM on no calls")
         self.vocab_ = Vocabulary.fit(seqs)
-        p = encode_pack(self.vocab_, seqs, self.order)
-        self.tokens_ = np.unique(ngram_keys(p, self.order, self.vocab_.bits))
+        self.order_ = self.vocab_.max_order(self.order)
+        p = encode_pack(self.vocab_, seqs, self.order_)
+        self.tokens_ = np.unique(ngram_keys(p, self.order_, self.vocab_.bits))
         self.index_ = KeyIndex(self.tokens_)
         m = len(self.tokens_) + 2
         coded = self._tokens(seqs)
@@ -282,7 +283,7 @@ class HMM(CallDetector):
     def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
         """The most surprising call phrases (each call with its context), by syscall names."""
         scores = self.call_scores([seq])[0]
-        out = top_grams(self.vocab_, seq, self.order, scores, top)
+        out = top_grams(self.vocab_, seq, self.order_, scores, top)
         return [Contribution(f, sc, c) for f, sc, c in out]
 
     def _get_state(self) -> tuple[dict[str, Any], Arrays]:
@@ -295,6 +296,7 @@ class HMM(CallDetector):
 
     def _set_state(self, meta: dict[str, Any], arrays: Arrays) -> None:
         self.vocab_ = Vocabulary.from_names(meta["vocab"])
+        self.order_ = self.vocab_.max_order(self.order)
         self.history_ = list(meta.get("history", []))
         self.tokens_ = arrays["tokens"]
         self.index_ = KeyIndex(self.tokens_)

@@ -44,9 +44,12 @@ class NgramLM(CallDetector):
         return {"n": self.n, "discount": self.discount, "alpha": self.alpha}
 
     def fit(self, seqs: Sequence[I32]) -> Self:
+        if not any(len(s) for s in seqs):
+            raise ValueError(f"cannot fit {self.name} on no calls")
         self.vocab_ = Vocabulary.fit(seqs)
+        self.order_ = self.vocab_.max_order(self.n)
         bits = self.vocab_.bits
-        p = encode_pack(self.vocab_, seqs, self.n)
+        p = encode_pack(self.vocab_, seqs, self.order_)
         uni = np.bincount(p.codes[p.pos], minlength=self.vocab_.size).astype(np.float64)
         uni[0] = 0.0  # the pad code is never predicted
         self.log_unigram_ = np.log((uni + self.alpha) / (uni.sum() + self.alpha * (len(uni) - 1)))
@@ -57,7 +60,7 @@ class NgramLM(CallDetector):
         prev_keys: npt.NDArray[np.uint64] | None = None
         prev_logp: F64 | None = None
         d = self.discount
-        for k in range(1, self.n + 1):
+        for k in range(1, self.order_ + 1):
             keys, c = count(ngram_keys(p, k, bits))
             if k == 1:
                 logp = self.log_unigram_[keys.astype(np.int64)]
@@ -103,13 +106,13 @@ class NgramLM(CallDetector):
 
     def _packed_nll(self, seqs: Sequence[I32]) -> tuple[Packed, F64]:
         self.check_fitted()
-        p = encode_pack(self.vocab_, seqs, self.n)
+        p = encode_pack(self.vocab_, seqs, self.order_)
         bits = self.vocab_.bits
         nll = np.empty(p.n_calls, dtype=np.float64)
         todo = np.arange(p.n_calls)  # calls whose longest matching order is not found yet
         acc = np.zeros(p.n_calls, dtype=np.float64)  # sum of log γ of seen histories on the way
-        full = ngram_keys(p, self.n, bits)
-        for k in range(self.n, 0, -1):
+        full = ngram_keys(p, self.order_, bits)
+        for k in range(self.order_, 0, -1):
             key = (
                 full[todo] & np.uint64((1 << (bits * k)) - 1) if k < 64 // bits + 1 else full[todo]
             )
@@ -130,23 +133,27 @@ class NgramLM(CallDetector):
     def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
         scores = self.call_scores([seq])[0]
         return [
-            Contribution(f, s, c) for f, s, c in top_grams(self.vocab_, seq, self.n, scores, top)
+            Contribution(f, s, c)
+            for f, s, c in top_grams(self.vocab_, seq, self.order_, scores, top)
         ]
 
     def _get_state(self) -> tuple[dict[str, Any], Arrays]:
         arrays: Arrays = {"log_unigram": self.log_unigram_}
-        for k in range(self.n):
+        for k in range(self.order_):
             arrays[f"keys{k}"] = self.keys_[k]
             arrays[f"logp{k}"] = self.logp_[k]
             arrays[f"hist{k}"] = self.hist_keys_[k]
             arrays[f"lgamma{k}"] = self.log_gamma_[k]
-        return {"vocab": self.vocab_.names()}, arrays
+        return {"vocab": self.vocab_.names(), "order": self.order_}, arrays
 
     def _set_state(self, meta: dict[str, Any], arrays: Arrays) -> None:
         self.vocab_ = Vocabulary.from_names(meta["vocab"])
+        self.order_ = int(meta.get("order", self.n))
+        if self.order_ != self.vocab_.max_order(self.n):
+            raise ValueError(f"saved order {self.order_} does not match n={self.n}")
         self.log_unigram_ = arrays["log_unigram"]
-        self.keys_ = [arrays[f"keys{k}"] for k in range(self.n)]
-        self.logp_ = [arrays[f"logp{k}"] for k in range(self.n)]
-        self.hist_keys_ = [arrays[f"hist{k}"] for k in range(self.n)]
-        self.log_gamma_ = [arrays[f"lgamma{k}"] for k in range(self.n)]
+        self.keys_ = [arrays[f"keys{k}"] for k in range(self.order_)]
+        self.logp_ = [arrays[f"logp{k}"] for k in range(self.order_)]
+        self.hist_keys_ = [arrays[f"hist{k}"] for k in range(self.order_)]
+        self.log_gamma_ = [arrays[f"lgamma{k}"] for k in range(self.order_)]
         self._build_index()

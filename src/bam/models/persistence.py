@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,7 @@ def load_artifact(
             arrays = {k: z[k] for k in z.files if k != _META_KEY}
     except ModelError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except Exception as e:
         raise ModelError(f"{p}: not a readable BAM model file ({type(e).__name__}: {e})") from None
     try:
         header = json.loads(raw_header)

@@ -36,9 +36,12 @@ class Stide(CallDetector):
         return {"n": self.n}
 
     def fit(self, seqs: Sequence[I32]) -> Self:
+        if not any(len(s) for s in seqs):
+            raise ValueError(f"cannot fit {self.name} on no calls")
         self.vocab_ = Vocabulary.fit(seqs)
-        p = encode_pack(self.vocab_, seqs, self.n)
-        self.keys_, self.counts_ = count(ngram_keys(p, self.n, self.vocab_.bits))
+        self.order_ = self.vocab_.max_order(self.n)
+        p = encode_pack(self.vocab_, seqs, self.order_)
+        self.keys_, self.counts_ = count(ngram_keys(p, self.order_, self.vocab_.bits))
         self.total_ = int(self.counts_.sum())
         self._after_fit()
         self.fitted_ = True
@@ -52,8 +55,8 @@ class Stide(CallDetector):
 
     def _packed(self, seqs: Sequence[I32]) -> tuple[Packed, F64]:
         self.check_fitted()
-        p = encode_pack(self.vocab_, seqs, self.n)
-        idx, found = self.index_.find(ngram_keys(p, self.n, self.vocab_.bits))
+        p = encode_pack(self.vocab_, seqs, self.order_)
+        idx, found = self.index_.find(ngram_keys(p, self.order_, self.vocab_.bits))
         return p, self._per_call(idx, found)
 
     def call_scores(self, seqs: Sequence[I32]) -> list[F64]:
@@ -70,11 +73,11 @@ class Stide(CallDetector):
 
     def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
         scores = self.call_scores([seq])[0]
-        out = top_grams(self.vocab_, seq, self.n, scores, top)
+        out = top_grams(self.vocab_, seq, self.order_, scores, top)
         return [Contribution(f, s, c) for f, s, c in out if s > 0]
 
     def _get_state(self) -> tuple[dict[str, Any], Arrays]:
-        return {"vocab": self.vocab_.names(), "total": self.total_}, {
+        return {"vocab": self.vocab_.names(), "total": self.total_, "order": self.order_}, {
             "keys": self.keys_,
             "counts": self.counts_,
         }
@@ -82,6 +85,9 @@ class Stide(CallDetector):
     def _set_state(self, meta: dict[str, Any], arrays: Arrays) -> None:
         self.vocab_ = Vocabulary.from_names(meta["vocab"])
         self.total_ = int(meta["total"])
+        self.order_ = int(meta.get("order", self.n))
+        if self.order_ != self.vocab_.max_order(self.n):
+            raise ValueError(f"saved order {self.order_} does not match n={self.n}")
         self.keys_ = arrays["keys"]
         self.counts_ = arrays["counts"]
         self._after_fit()
