@@ -18,3 +18,4 @@ from bam.cli import record  # noqa: F401
 from bam.cli import bench_capture  # noqa: F401
 from bam.cli import server  # noqa: F401
 from bam.cli import bench_server  # noqa: F401
+from bam.cli import vm  # noqa: F401
