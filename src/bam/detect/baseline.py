@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from bam.detect.severity import severity_of_windows
+from bam.detect.tail import TailModel
 from bam.errors import ModelError
 from bam.events import Trace
 from bam.models.base import CallDetector, Contribution, Detector
@@ -42,6 +43,7 @@ class ThreadScores:
     scores: F64
     mean: float
     length: int
+    calls: F64 | None = None  # per-call scores, for detectors that have them
 
 
 @dataclass
@@ -125,24 +127,35 @@ class Baseline:
             cal = [c for c in cal if c]
             if not cal:
                 raise ModelError("normal traces are too short to hold out calibration data")
-        self.detector.fit(fit_seqs)
+        if not isinstance(self.detector, CallDetector):
+            # order-blind detectors score window-sized slices: learn from the same shape
+            fit_seqs = self._slices(fit_seqs)[0]
+        try:
+            self.detector.fit(fit_seqs)
+        except ValueError as e:
+            raise ModelError(f"cannot fit {self.detector.name}: {e}") from None
         self.history_: list[dict[str, Any]] = []
         self.n_fit_calls_ = int(sum(len(s) for s in fit_seqs))
         self.n_traces_ = len(traces)
         per_trace = [self._thread_scores(seqs) for seqs in cal]
-        all_windows = np.concatenate([ts.scores for tr in per_trace for ts in tr])
+        # non-overlapping frames: the independent samples the thresholds and tails are fit on
+        all_windows = np.concatenate(
+            [ts.scores[self._independent(ts)] for tr in per_trace for ts in tr]
+        )
+        every_window = np.concatenate([ts.scores for tr in per_trace for ts in tr])
         all_means = np.array([ts.mean for tr in per_trace for ts in tr])
         # Scores of some detectors are negative (log-densities): magnitudes are measured from
         # the typical normal score, so "1" means "at threshold" whatever the detector's units.
-        self.window_center_ = float(np.median(all_windows))
+        self.window_center_ = float(np.median(every_window))
         self.mean_center_ = float(np.median(all_means))
         self.window_threshold_ = _above(
-            conformal_threshold(all_windows, self.target_far), self.window_center_
+            conformal_threshold(every_window, self.target_far), self.window_center_
         )
         self.mean_threshold_ = _above(
             conformal_threshold(all_means, self.target_far), self.mean_center_
         )
-        self.trace_threshold_ = 1.0
+        self.frame_tail_ = TailModel().fit(all_windows)
+        self.mean_tail_ = TailModel().fit(all_means)
         stats = np.array([self._statistic(tr) for tr in per_trace])
         self.trace_threshold_ = conformal_threshold(stats, self.target_far)
         self.calibration_ = {
@@ -153,6 +166,27 @@ class Baseline:
         }
         self.fitted_ = True
         return self
+
+    def _independent(self, ts: ThreadScores) -> npt.NDArray[np.intp]:
+        """Indices of non-overlapping frames of a thread (always including the last)."""
+        step = self.window if isinstance(self.detector, CallDetector) else 2
+        n = len(ts.scores)
+        return np.unique(np.r_[np.arange(0, n, step), n - 1]).astype(np.intp)
+
+    def _slices(self, seqs: Sequence[I32]) -> tuple[list[I32], list[tuple[int, int]]]:
+        """Half-overlapping window-sized slices of each sequence and their (sequence, start)."""
+        w = self.window
+        slices: list[I32] = []
+        owners: list[tuple[int, int]] = []
+        for i, s in enumerate(seqs):
+            offs = range(0, max(1, len(s) - w + 1), max(1, w // 2)) if len(s) > w else range(1)
+            for a in offs:
+                slices.append(s[a : a + w])
+                owners.append((i, a))
+            if len(s) > w and (len(s) - w) % max(1, w // 2):
+                slices.append(s[len(s) - w :])  # the tail, so the end of a thread is scored
+                owners.append((i, len(s) - w))
+        return slices, owners
 
     # ------------------------------------------------------------------ scoring
     def _thread_scores(self, seqs: Sequence[I32]) -> list[ThreadScores]:
@@ -168,16 +202,10 @@ class Baseline:
                     c = np.concatenate([[0.0], np.cumsum(cs)])
                     frames = (c[w:] - c[:-w]) / w
                     starts = np.arange(len(frames), dtype=np.int64)
-                out.append(ThreadScores(i, starts, frames, float(cs.mean()), len(cs)))
+                out.append(ThreadScores(i, starts, frames, float(cs.mean()), len(cs), cs))
             return out
         # order-blind detectors: half-overlapping windows, plus the whole thread for its mean
-        slices: list[I32] = []
-        owners: list[tuple[int, int]] = []
-        for i, s in enumerate(seqs):
-            offs = range(0, max(1, len(s) - w + 1), max(1, w // 2)) if len(s) > w else range(1)
-            for a in offs:
-                slices.append(s[a : a + w])
-                owners.append((i, a))
+        slices, owners = self._slices(seqs)
         win = self.detector.score(slices) if slices else np.empty(0)
         whole = self.detector.score(seqs) if seqs else np.empty(0)
         own = np.array([o[0] for o in owners], dtype=np.int64)
@@ -187,15 +215,27 @@ class Baseline:
             out.append(ThreadScores(i, st[m], win[m], float(whole[i]), len(s)))
         return out
 
+    def _n_frames(self, threads: Sequence[ThreadScores]) -> float:
+        """Effective number of independent frames of a trace."""
+        return max(1.0, sum(t.length for t in threads) / self.window)
+
+    def _frame_stats(self, scores: F64, n_frames: float) -> F64:
+        """``-log10`` of the chance that the worst of ``n_frames`` normal frames scores this high."""
+        out: F64 = np.maximum(0.0, -(np.log10(n_frames) + self.frame_tail_.log10_sf(scores)))
+        return out
+
     def _statistic(self, threads: Sequence[ThreadScores]) -> float:
-        """Trace statistic: furthest excess of any frame or any thread mean over its threshold."""
+        """Trace statistic: how improbable its worst frame (for its length) or worst thread mean is.
+
+        In ``-log10`` probability units, so traces of any length and thread count compare fairly.
+        """
         if not threads:
             return 0.0
-        frame = self.window_magnitude(max(float(t.scores.max()) for t in threads))
-        mean = (max(t.mean for t in threads) - self.mean_center_) / (
-            self.mean_threshold_ - self.mean_center_
-        )
-        return float(max(frame, mean))
+        fmax = np.array([max(float(t.scores.max()) for t in threads)])
+        frame = float(self._frame_stats(fmax, self._n_frames(threads))[0])
+        means = np.array([t.mean for t in threads])
+        mean = float(-(np.log10(len(threads)) + self.mean_tail_.log10_sf(means).min()))
+        return max(frame, mean, 0.0)
 
     def window_magnitude(self, score: npt.ArrayLike) -> Any:
         """How far past the window threshold: 1 at threshold, 0 at the typical normal score."""
@@ -230,19 +270,21 @@ class Baseline:
         n_anom = 0
         first_ts: float | None = None
         sev_value = 0.0
+        n_frames = self._n_frames(threads)
         for ts in threads:
-            # non-overlapping windows for frequency counting
-            step = max(1, w if isinstance(self.detector, CallDetector) else 2)
-            mags = self.window_magnitude(ts.scores[::step])
+            # non-overlapping windows (the last one included) for frequency counting
+            mags = self.window_magnitude(ts.scores[self._independent(ts)])
             n_windows += len(mags)
             n_anom += int((mags > 1.0).sum())
             v, _ = severity_of_windows(mags)
             sev_value = max(sev_value, v)
-            over = np.flatnonzero(ts.scores > self.window_threshold_)
+            if not anomalous:
+                continue
+            # the first frame that alone makes the trace anomalous; its most surprising call
+            over = np.flatnonzero(self._frame_stats(ts.scores, n_frames) > self.trace_threshold_)
             if len(over):
-                call = int(thread_idx[ts.tid_index][int(ts.starts[over[0]])])
-                t0 = float(trace.events.ts[call])
-                if not math.isnan(t0) and (first_ts is None or t0 < first_ts):
+                t0 = self._peak_time(trace, thread_idx[ts.tid_index], ts, int(over[0]))
+                if t0 is not None and (first_ts is None or t0 < first_ts):
                     first_ts = t0
         if anomalous and sev_value < 1.0:
             sev_value = max(1.0, stat / max(self.trace_threshold_, 1e-9))
@@ -254,12 +296,16 @@ class Baseline:
         # explanation from the worst frame of the worst thread
         worst = max(threads, key=lambda t: float(t.scores.max()))
         a = int(worst.starts[int(np.argmax(worst.scores))])
-        # explain the worst frame, with a little preceding context for the n-gram models
-        seg = seqs[worst.tid_index][max(0, a - 8) : a + w]
-        contribs: list[Contribution] = self.detector.explain(seg, top) if len(seg) else []
+        # explain the worst frame, scored with preceding context that is not itself reported
+        ctx = min(a, 16)
+        seg = seqs[worst.tid_index][a - ctx : a + w]
+        contribs: list[Contribution] = (
+            self.detector.explain(seg, top, context=ctx) if len(seg) else []
+        )
         if anomalous and first_ts is None:
-            t0 = float(trace.events.ts[int(thread_idx[worst.tid_index][a])])
-            first_ts = None if math.isnan(t0) else t0
+            first_ts = self._peak_time(
+                trace, thread_idx[worst.tid_index], worst, int(np.argmax(worst.scores))
+            )
         return Verdict(
             trace=trace.name,
             score=round(stat, 6),
@@ -274,6 +320,17 @@ class Baseline:
             calls=int(sum(t.length for t in threads)),
         )
 
+    def _peak_time(
+        self, trace: Trace, idx: npt.NDArray[np.intp], ts: ThreadScores, frame: int
+    ) -> float | None:
+        """Time of the most anomalous call in frame ``frame`` of a thread (its start if unknown)."""
+        a = int(ts.starts[frame])
+        if ts.calls is not None and len(ts.calls):
+            seg = ts.calls[a : a + self.window]
+            a += int(np.argmax(seg)) if len(seg) else 0
+        t0 = float(trace.events.ts[int(idx[min(a, len(idx) - 1)])])
+        return None if math.isnan(t0) else t0
+
     def trace_scores(self, traces: Sequence[Sequence[I32]]) -> F64:
         """Trace statistic for many traces given as per-thread sequences (batched, for eval)."""
         self.check_fitted()
@@ -282,10 +339,10 @@ class Baseline:
             np.arange(len(traces)), [sum(1 for s in seqs if len(s)) for seqs in traces]
         )
         threads = self._thread_scores(flat)
-        out = np.zeros(len(traces))
+        groups: list[list[ThreadScores]] = [[] for _ in traces]
         for t, o in zip(threads, owner, strict=True):
-            out[o] = max(out[o], self._statistic([t]))
-        return out
+            groups[int(o)].append(t)
+        return np.array([self._statistic(g) for g in groups])
 
     # ------------------------------------------------------------------ persistence
     def thresholds(self) -> dict[str, float]:
@@ -296,6 +353,9 @@ class Baseline:
             "mean_center": self.mean_center_,
             "trace": self.trace_threshold_,
         }
+
+    def tails(self) -> dict[str, Any]:
+        return {"frame": self.frame_tail_.state(), "mean": self.mean_tail_.state()}
 
     def save(self, path: str | Path, history: list[dict[str, Any]] | None = None) -> str:
         """Save detector + thresholds as one artefact; returns its ``model_id``."""
@@ -310,6 +370,7 @@ class Baseline:
                 "seed": self.seed,
             },
             "thresholds": self.thresholds(),
+            "tails": self.tails(),
             "calibration": self.calibration_,
             "n_fit_calls": self.n_fit_calls_,
             "n_traces": self.n_traces_,
@@ -331,6 +392,8 @@ class Baseline:
             b.mean_threshold_ = float(th["mean"])
             b.window_center_ = float(th["window_center"])
             b.mean_center_ = float(th["mean_center"])
+            b.frame_tail_ = TailModel.from_state(meta["tails"]["frame"])
+            b.mean_tail_ = TailModel.from_state(meta["tails"]["mean"])
             b.trace_threshold_ = float(th["trace"])
             b.calibration_ = dict(meta.get("calibration", {}))
             b.n_fit_calls_ = int(meta.get("n_fit_calls", 0))

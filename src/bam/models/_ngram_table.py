@@ -113,7 +113,12 @@ def gram_name(vocab: Vocabulary, key: int, n: int) -> str:
 
 
 def top_grams(
-    vocab: Vocabulary, seq: npt.NDArray[np.int32], n: int, scores: npt.NDArray[np.float64], top: int
+    vocab: Vocabulary,
+    seq: npt.NDArray[np.int32],
+    n: int,
+    scores: npt.NDArray[np.float64],
+    top: int,
+    context: int = 0,
 ) -> list[tuple[str, float, int]]:
     """The ``top`` distinct n-grams of ``seq`` with the highest per-call score.
 
@@ -127,8 +132,12 @@ def top_grams(
     bits = max(1, int(len(local_ids) + 1).bit_length())
     order_n = max(1, min(n, 64 // bits))
     p = pack([local + 1], pad=order_n - 1, fill=0)  # 0 = start pad, 1.. = local call ids
-    keys = ngram_keys(p, order_n, bits)
+    keys = ngram_keys(p, order_n, bits)[context:]
+    scores = scores[context:]
+    if len(keys) == 0:
+        return []
     uniq, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+    first = first + context
     best = np.full(len(uniq), -np.inf)
     np.maximum.at(best, inv, scores)
     cnt = np.bincount(inv, minlength=len(uniq))

@@ -61,8 +61,12 @@ class Detector(ABC):
         """One anomaly score per sequence (higher = more anomalous)."""
 
     @abstractmethod
-    def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
-        """The features of ``seq`` that contributed most to its score."""
+    def explain(self, seq: I32, top: int = 5, context: int = 0) -> list[Contribution]:
+        """The features of ``seq`` that contributed most to its score.
+
+        The first ``context`` calls only give context (the calls before a window): they are
+        scored but not reported.
+        """
 
     @abstractmethod
     def get_params(self) -> dict[str, Any]:

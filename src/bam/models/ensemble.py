@@ -77,10 +77,10 @@ class Ensemble(Detector):
         out: F64 = self.member_scores(seqs).mean(1)
         return out
 
-    def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
+    def explain(self, seq: I32, top: int = 5, context: int = 0) -> list[Contribution]:
         """The explanations of the member that found ``seq`` most anomalous."""
-        z = self.member_scores([seq])[0]
-        return self.members[int(np.argmax(z))].explain(seq, top)
+        z = self.member_scores([seq[context:]])[0]
+        return self.members[int(np.argmax(z))].explain(seq, top, context)
 
     def _get_state(self) -> tuple[dict[str, Any], Arrays]:
         metas, arrays = [], {"centre": self.centre_, "spread": self.spread_}

@@ -177,8 +177,9 @@ class HistogramGMM(Detector):
             return np.empty(0)
         return self.density_.score(frequency_vectors(self.vocab_, seqs))
 
-    def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
+    def explain(self, seq: I32, top: int = 5, context: int = 0) -> list[Contribution]:
         """Calls whose share of the window deviates most from normal (``+``: more than usual)."""
+        seq = seq[context:]
         x = frequency_vectors(self.vocab_, [seq])
         # sqrt-frequency deviation in units of the training spread, floored so that calls that
         # never vary in training (std 0) rank by how much of the window they take

@@ -280,10 +280,10 @@ class HMM(CallDetector):
             res[int(i)] = out[row, : lens[row]]
         return res
 
-    def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
+    def explain(self, seq: I32, top: int = 5, context: int = 0) -> list[Contribution]:
         """The most surprising call phrases (each call with its context), by syscall names."""
         scores = self.call_scores([seq])[0]
-        out = top_grams(self.vocab_, seq, self.order_, scores, top)
+        out = top_grams(self.vocab_, seq, self.order_, scores, top, context)
         return [Contribution(f, sc, c) for f, sc, c in out]
 
     def _get_state(self) -> tuple[dict[str, Any], Arrays]:

@@ -130,11 +130,11 @@ class NgramLM(CallDetector):
                 break
         return p, nll
 
-    def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
+    def explain(self, seq: I32, top: int = 5, context: int = 0) -> list[Contribution]:
         scores = self.call_scores([seq])[0]
         return [
             Contribution(f, s, c)
-            for f, s, c in top_grams(self.vocab_, seq, self.order_, scores, top)
+            for f, s, c in top_grams(self.vocab_, seq, self.order_, scores, top, context)
         ]
 
     def _get_state(self) -> tuple[dict[str, Any], Arrays]:

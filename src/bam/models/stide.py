@@ -71,9 +71,9 @@ class Stide(CallDetector):
         p, v = self._packed(seqs)
         return p.means(v)
 
-    def explain(self, seq: I32, top: int = 5) -> list[Contribution]:
+    def explain(self, seq: I32, top: int = 5, context: int = 0) -> list[Contribution]:
         scores = self.call_scores([seq])[0]
-        out = top_grams(self.vocab_, seq, self.order_, scores, top)
+        out = top_grams(self.vocab_, seq, self.order_, scores, top, context)
         return [Contribution(f, s, c) for f, s, c in out if s > 0]
 
     def _get_state(self) -> tuple[dict[str, Any], Arrays]:
