@@ -492,3 +492,63 @@ def test_restart_mid_stream_loses_nothing_stores_nothing_twice(
         assert all(r["status"] == "affirming" for r in results)  # no gap: chain intact
     finally:
         srv.stop()
+
+
+def test_evidence_hot_path_counts_rate_and_rolls_back_on_refusal(
+    backend: dict[str, str], server: ServerProcess
+) -> None:
+    """In-process, on both backends: the evidence path's own statements (one CTE pair on
+    PostgreSQL) count the agent's rate, store nothing when refused, and stay idempotent."""
+    from bam.server.auth import enrol_message
+    from bam.server.errors import ServerError
+    from bam.server.service import A
+
+    settings = _settings(backend).model_copy(update={"agent_requests_per_minute": 5})
+    svc = Service(settings, run_migrations=False)
+    try:
+        token, _ = svc.create_enrol_token("test")
+        signer = SoftwareSigner.generate()
+        proof = b64url_encode(signer.sign(enrol_message(token, signer.thumbprint())))
+        name = f"hot-{time.monotonic_ns() % 10**9}"
+        agent_id = svc.enrol(token, name, signer.public_jwk(), None, proof)["agent_id"]
+        with svc.read() as conn:
+            agent = conn.execute(A.select().where(A.c.id == agent_id)).mappings().first()
+        assert agent is not None
+        svc.register_workload(agent, name, "process", 300.0)
+        builder = EvidenceBuilder(signer)
+
+        def build(nonce: str) -> str:
+            return builder.build(nonce, make_measurements(name), make_behavior()).token
+
+        # register_workload was request 1
+        first = build(svc.challenge(agent)[0])  # request 2
+        out = svc.submit_evidence(first)  # request 3
+        assert (out.duplicate, out.seq, out.result["status"]) == (False, 1, "affirming")
+        assert out.next_nonce is not None
+        again = svc.submit_evidence(first)  # a retry: answered from the store, not counted
+        assert (again.duplicate, again.evidence_id) == (True, out.evidence_id)
+        second = builder.build(out.next_nonce[0], make_measurements(name), make_behavior()).token
+        out2 = svc.submit_evidence(second)  # request 4
+        assert out2.seq == 2
+        assert out2.next_nonce is not None
+        with pytest.raises(ServerError) as used:  # the same nonce in a new token: a replay
+            svc.submit_evidence(build(out.next_nonce[0]))
+        assert used.value.status == 409
+        assert used.value.reason in {"nonce_used", "nonce_reused"}
+        nxt = out2.next_nonce[0]
+        svc.submit_evidence(build(nxt))  # request 5: the budget is spent
+        stored = svc.counts()["evidence"]
+        with pytest.raises(ServerError) as limited:
+            svc.submit_evidence(build(svc_next(svc, agent_id)))
+        assert limited.value.reason == "rate_limited"
+        assert svc.counts()["evidence"] == stored  # refused: nothing stored, nothing half-done
+    finally:
+        svc.close()
+
+
+def svc_next(svc: Service, agent_id: str) -> str:
+    """A nonce for ``agent_id`` issued without counting against its rate (test set-up only)."""
+    import time as _time
+
+    with svc.write() as conn:
+        return svc._insert_nonce(conn, agent_id, _time.time())[0]

@@ -159,3 +159,50 @@ def test_default_policy_validates() -> None:
         "contraindicated",
         "warning",
     ]
+
+
+def test_lean_input_gives_the_same_decisions_as_regopy_input() -> None:
+    import regopy
+
+    from bam.server.policy import ENTRYPOINT, _Compiled, _set_input
+
+    compiled = _Compiled(default_source(), "default.rego")
+    from regopy.rego_shared import (
+        rego_bundle_query_entrypoint,
+        rego_free_output,
+        rego_output_string,
+    )
+
+    def query() -> str:
+        impl = rego_bundle_query_entrypoint(
+            compiled.interp._impl, compiled.bundle._impl, ENTRYPOINT
+        )
+        try:
+            return str(rego_output_string(impl))
+        finally:
+            rego_free_output(impl)
+
+    odd = _input(workload__name='é "quoted" \\ \u2028', evidence__seq=2**40)
+    for doc in [*sample_inputs(), odd]:
+        compiled.interp.set_input(regopy.Input(doc))
+        expected = query()
+        _set_input(compiled.interp, doc)
+        assert query() == expected
+    with pytest.raises(ValueError, match="cannot convert"):
+        _set_input(compiled.interp, {"bad": object()})
+
+
+def test_decisions_of_pure_policies_are_cached_and_impure_ones_are_not() -> None:
+    from bam.server import policy as p
+
+    p._DECISIONS.clear()
+    doc = _input()
+    first = evaluate(DEFAULT, doc)
+    assert evaluate(DEFAULT, copy.deepcopy(doc)) is first  # same input: from the cache
+    assert evaluate(DEFAULT, _input(behavior__severity="critical")).status == "contraindicated"
+    newer = PolicyVersion("bam-default", 2, default_source() + "\n# v2\n")
+    assert evaluate(newer, doc) is not first  # the policy version is part of the key
+    impure = PolicyVersion("clock", 1, default_source() + "\nnow_ns := time.now_ns()\n")
+    before = len(p._DECISIONS)
+    evaluate(impure, doc)
+    assert len(p._DECISIONS) == before  # a policy reading the clock is never cached

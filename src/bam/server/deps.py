@@ -34,9 +34,14 @@ class Guards:
         self.cache: dict[str, tuple[float, Operator]] = {}
 
 
-def service(request: Request) -> Service:
+def _service(request: Request) -> Service:
     svc: Service = request.app.state.service
     return svc
+
+
+async def service(request: Request) -> Service:
+    """The process's :class:`Service` (async: a sync dependency would cost a thread hop)."""
+    return _service(request)
 
 
 def _guards(request: Request) -> Guards:
@@ -70,7 +75,7 @@ async def agent(request: Request) -> RowMapping:
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     try:
         return await run_in_threadpool(
-            service(request).authenticate_agent,
+            _service(request).authenticate_agent,
             request.headers.get(SIGNATURE_HEADER),
             request.method,
             path,
@@ -102,7 +107,7 @@ async def _operator(request: Request) -> Operator:
     if hit is not None and now - hit[0] < _OPERATOR_CACHE_S:
         op = hit[1]
     else:
-        found = await run_in_threadpool(service(request).operator, token)
+        found = await run_in_threadpool(_service(request).operator, token)
         if found is None:
             record_failure(request)
             raise ServerError(401, "auth_invalid", "operator token is unknown or revoked")

@@ -12,6 +12,7 @@ evidence.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -126,7 +127,7 @@ class PolicyVersion:
     version: int
     source: str
 
-    @property
+    @functools.cached_property
     def sha256(self) -> str:
         return hashlib.sha256(self.source.encode("utf-8")).hexdigest()
 
@@ -161,7 +162,7 @@ class _Compiled:
         )
 
         try:
-            self.interp.set_input(document)
+            _set_input(self.interp, document)
             # The low-level call: regopy's Output parses the text as JSON and fails with a
             # JSONDecodeError when rego-cpp returns an error document (e.g. recursion).
             impl = rego_bundle_query_entrypoint(self.interp._impl, self.bundle._impl, ENTRYPOINT)
@@ -192,7 +193,78 @@ class _Compiled:
             ) from None
 
 
+class _Input:
+    """A rego-cpp input document built with direct C calls (owned; freed with the object).
+
+    The same encoding as ``regopy.Input`` (objects, arrays, strings, numbers, booleans, null),
+    with exact type dispatch and no intermediate buffers: about twice as fast, and the policy
+    input is built once per appraisal.
+    """
+
+    def __init__(self, value: Any) -> None:
+        from regopy import rego_shared as rs
+
+        self._rs = rs
+        self._impl = rs.rego_new_input()
+        try:
+            self._add(value)
+        except Exception:
+            rs.rego_free_input(self._impl)
+            del self._impl
+            raise
+
+    def _add(self, val: Any) -> None:
+        lib, p = self._rs.rego, self._impl
+        t = type(val)
+        if t is str:
+            res = lib.regoInputString(p, val.encode("utf-8"))
+        elif t is dict:
+            for k, v in val.items():
+                if type(k) is not str:
+                    raise ValueError("policy input keys must be strings")
+                self._check(lib.regoInputString(p, k.encode("utf-8")))
+                self._add(v)
+                self._check(lib.regoInputObjectItem(p))
+            res = lib.regoInputObject(p, len(val))
+        elif t is bool:
+            res = lib.regoInputBoolean(p, val)
+        elif t is int:
+            res = lib.regoInputInt(p, val)
+        elif t is float:
+            res = lib.regoInputFloat(p, val)
+        elif val is None:
+            res = lib.regoInputNull(p)
+        elif t is list or t is tuple:
+            for x in val:
+                self._add(x)
+            res = lib.regoInputArray(p, len(val))
+        else:
+            raise ValueError(f"cannot convert {t.__name__} to a policy input")
+        self._check(res)
+
+    def _check(self, res: int) -> None:
+        if res != self._rs.Code.OK:
+            raise self._rs.RegoError("Unable to create input", res)
+
+    def __del__(self) -> None:
+        if hasattr(self, "_impl"):
+            self._rs.rego_free_input(self._impl)
+
+
+def _set_input(interp: Any, document: dict[str, Any]) -> None:
+    from regopy.rego_shared import rego_set_input
+
+    value = _Input(document)  # a name keeps it alive (freed on collection) during the call
+    rego_set_input(interp._impl, value._impl)
+
+
 _local = threading.local()
+
+# Decisions are a pure function of (policy, input) unless the policy calls a builtin whose
+# answer changes between calls; such policies are never cached.
+_IMPURE = re.compile(r"\b(time\.now_ns|http\.send|rand\.|uuid\.|opa\.runtime|crypto\.x509|net\.)")
+_DECISIONS: dict[str, Decision] = {}
+_DECISIONS_MAX = 4096
 
 
 def _compiled(policy: PolicyVersion) -> _Compiled:
@@ -207,9 +279,32 @@ def _compiled(policy: PolicyVersion) -> _Compiled:
     return hit
 
 
+@functools.lru_cache(maxsize=16)
+def _cacheable(source: str) -> bool:
+    return _IMPURE.search(source) is None
+
+
 def evaluate(policy: PolicyVersion, document: dict[str, Any]) -> Decision:
-    """Evaluate ``policy`` on the input ``document``; :class:`PolicyError` if it fails."""
-    return _compiled(policy).evaluate(document, policy.source)
+    """Evaluate ``policy`` on the input ``document``; :class:`PolicyError` if it fails.
+
+    Decisions of pure policies are cached, keyed by the policy's sha256 and a digest of the
+    canonical input document (a repeated input — the steady state of a quiet workload — skips
+    the interpreter). Failures are not cached.
+    """
+    if not _cacheable(policy.source):
+        return _compiled(policy).evaluate(document, policy.source)
+    key = hashlib.sha256(
+        policy.sha256.encode()
+        + json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    hit = _DECISIONS.get(key)
+    if hit is not None:
+        return hit
+    decision = _compiled(policy).evaluate(document, policy.source)
+    if len(_DECISIONS) >= _DECISIONS_MAX:
+        _DECISIONS.clear()
+    _DECISIONS[key] = decision
+    return decision
 
 
 def sample_inputs() -> list[dict[str, Any]]:

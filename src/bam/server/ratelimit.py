@@ -28,8 +28,12 @@ WINDOW_S = 60
 _rc = table(RateCounter)
 
 
-def _window(now: float) -> int:
+def window(now: float) -> int:
+    """The counting window ``now`` falls in."""
     return int(now // WINDOW_S)
+
+
+_window = window
 
 
 _PEEK = select(_rc.c.count).where(
@@ -53,7 +57,7 @@ def peek(conn: Connection, subject: str, limit: int, now: float) -> None:
     """Raise 429 if ``subject`` already used its budget in this window (read only)."""
     used = conn.execute(_PEEK, {"subject": subject, "window": _window(now)}).scalar()
     if used is not None and used >= limit:
-        raise _limited(subject, limit, now)
+        raise limited(subject, limit, now)
 
 
 def hit(conn: Connection, subject: str, limit: int, now: float) -> None:
@@ -62,10 +66,11 @@ def hit(conn: Connection, subject: str, limit: int, now: float) -> None:
         _upsert(conn.dialect.name), {"subject": subject, "window": _window(now)}
     ).scalar_one()
     if count > limit:
-        raise _limited(subject, limit, now)
+        raise limited(subject, limit, now)
 
 
-def _limited(subject: str, limit: int, now: float) -> ServerError:
+def limited(subject: str, limit: int, now: float) -> ServerError:
+    """The 429 for ``subject`` over ``limit`` in the window of ``now``."""
     retry = WINDOW_S - (now % WINDOW_S)
     return ServerError(
         429,

@@ -26,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +67,7 @@ from bam.server.auth import (
     token_hash,
     verify_raw_signature,
 )
+from bam.server.db import hot
 from bam.server.db import models as m
 from bam.server.db.engine import make_engine, migrate
 from bam.server.ear import Appraisal, sign_ear
@@ -110,39 +111,7 @@ _CONFLICT = {"seq_replay", "nonce_reused", "nonce_used"}
 # Hot-path statements, built once: executing a prebuilt statement with a parameter dict skips
 # SQLAlchemy's per-call construction and cache-key work (most of its cost per statement).
 _SEL_AGENT_BY_KID = select(A).where(A.c.kid == bindparam("kid"))
-_SEL_EVIDENCE_BY_DIGEST = select(E.c.id, E.c.seq, E.c.agent_id).where(
-    E.c.digest == bindparam("digest")
-)
-_SEL_WORKLOAD_BY_NAME = select(W).where(W.c.name == bindparam("name"))
-_SEL_NONCE = select(N).where(N.c.nonce_hash == bindparam("h"))
 _INS_NONCE = insert(N)
-_USE_NONCE = (
-    update(N)
-    .where(
-        N.c.nonce_hash == bindparam("h"),
-        N.c.agent_id == bindparam("agent"),
-        N.c.used_at.is_(None),
-        N.c.expires_at >= bindparam("now"),
-    )
-    .values(used_at=bindparam("now"))
-    .returning(N.c.issued_at)
-)
-_MOVE_CHAIN = (
-    update(A)
-    .where(A.c.id == bindparam("agent"), A.c.last_seq == bindparam("old_seq"))
-    .values(
-        last_seq=bindparam("seq"),
-        last_digest=bindparam("digest"),
-        last_nonce=bindparam("nonce"),
-        last_evidence_at=bindparam("now"),
-        tpm_clock=bindparam("tpm_clock"),
-        tpm_reset=bindparam("tpm_reset"),
-        tpm_restart=bindparam("tpm_restart"),
-        tpm_safe=bindparam("tpm_safe"),
-        tpm_ak=bindparam("tpm_ak"),
-    )
-)
-_INS_EVIDENCE = insert(E).returning(E.c.id)
 _INS_RESULT = insert(R).returning(R.c.id)
 _INS_ACTION = insert(AC)
 _INS_AUDIT = insert(AU)
@@ -200,6 +169,7 @@ class Service:
         self._policy: tuple[float, PolicyVersion] | None = None
         self._policy_lock = threading.Lock()
         self._aead: AESGCM | None = None
+        self._hot = hot.Statements(self.engine.dialect.name)
         self.ensure_default_policy()
 
     # ---- plumbing -------------------------------------------------------------------------
@@ -615,41 +585,67 @@ class Service:
     # ---- evidence -----------------------------------------------------------------------------
 
     def submit_evidence(self, token: str) -> EvidenceOutcome:
-        """Verify, appraise and store one evidence token (see the module docstring)."""
+        """Verify, appraise and store one evidence token (see the module docstring).
+
+        Runs on one pooled connection with the plain statements of :mod:`bam.server.db.hot`.
+        """
         text = token.strip()
         if not text.isascii():
             raise ServerError(422, "malformed", "token is not ASCII")
         digest = sha256_hex(text.encode("ascii"))
         kid = _header_kid(text)
-        now = time.time()
-        with self.read() as conn:
-            agent = self._agent_by_kid(conn, kid)
-            dup = self._duplicate(conn, digest, agent["id"])
-            if dup is not None:
-                return dup
-            ratelimit.peek(conn, agent["id"], self.settings.agent_requests_per_minute, now)
-        vk = self._vk(agent["jwk"])
-        for _attempt in range(5):
-            try:
-                return self._appraise_evidence(text, digest, agent, vk)
-            except _RetryError:
-                with self.read() as conn:
-                    dup = self._duplicate(conn, digest, agent["id"])
+        limit = self.settings.agent_requests_per_minute
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.cursor()
+            for _attempt in range(5):
+                now = time.time()
+                row = hot.one(
+                    cur,
+                    self._hot.agent,
+                    {"kid": kid, "digest": digest, "window": ratelimit.window(now)},
+                )
+                if row is None:
+                    raise ServerError(
+                        401, "unknown_agent", f"no agent is enrolled with key {kid[:64]!r}"
+                    )
+                agent = dict(zip(hot.AGENT_COLUMNS, row, strict=False))
+                if agent["revoked_at"] is not None:
+                    raise ServerError(403, "agent_revoked", f"agent {agent['name']!r} is revoked")
+                dup_id, used = row[-2], row[-1]
+                if dup_id is not None:
+                    dup = self._duplicate_by_id(dup_id, digest)
                     if dup is not None:
                         return dup
-                    agent = self._agent_by_kid(conn, kid)
-        raise ServerError(409, "conflict", "concurrent updates kept conflicting; retry")
+                if used is not None and used >= limit:
+                    raise ratelimit.limited(agent["id"], limit, now)
+                vk = self._vk(agent["jwk"])
+                try:
+                    return self._appraise_evidence(raw, cur, text, digest, agent, vk)
+                except _RetryError:
+                    raw.rollback()
+            raise ServerError(409, "conflict", "concurrent updates kept conflicting; retry")
+        finally:
+            try:
+                raw.rollback()  # no-op after a commit; undoes anything left on an error
+            finally:
+                raw.close()
 
-    def _duplicate(self, conn: Connection, digest: str, agent_id: str) -> EvidenceOutcome | None:
-        ev = conn.execute(_SEL_EVIDENCE_BY_DIGEST, {"digest": digest}).first()
-        if ev is None or ev.agent_id != agent_id:
-            return None
-        res = conn.execute(self._result_query().where(R.c.evidence_id == ev.id)).mappings().first()
+    def _duplicate_by_id(self, evidence_id: int, digest: str) -> EvidenceOutcome | None:
+        with self.read() as conn:
+            ev = conn.execute(select(E.c.id, E.c.seq).where(E.c.id == evidence_id)).first()
+            if ev is None:
+                return None
+            res = (
+                conn.execute(self._result_query().where(R.c.evidence_id == ev.id))
+                .mappings()
+                .first()
+            )
         if res is None:  # cannot happen: evidence and result commit together
             return None
         return EvidenceOutcome(ev.id, digest, ev.seq, True, _result_out(res), None)
 
-    def _previous(self, agent: RowMapping, vk: VerificationKey) -> VerifiedEvidence | None:
+    def _previous(self, agent: Mapping[str, Any], vk: VerificationKey) -> VerifiedEvidence | None:
         """The chain state of ``agent`` as the evidence layer's "previous token"."""
         if agent["last_seq"] == 0:
             return None
@@ -663,7 +659,7 @@ class Service:
         )
 
     def _verify(
-        self, text: str, agent: RowMapping, vk: VerificationKey, now: float
+        self, text: str, agent: Mapping[str, Any], vk: VerificationKey, now: float
     ) -> tuple[VerifiedEvidence, int]:
         """Verify completely; a sequence gap is accepted and reported (policy decides)."""
         previous = self._previous(agent, vk)
@@ -700,22 +696,34 @@ class Service:
         return verified, missing
 
     def _appraise_evidence(
-        self, text: str, digest: str, agent: RowMapping, vk: VerificationKey
+        self,
+        raw: Any,
+        cur: Any,
+        text: str,
+        digest: str,
+        agent: dict[str, Any],
+        vk: VerificationKey,
     ) -> EvidenceOutcome:
         now = time.time()
         verified, missing = self._verify(text, agent, vk, now)
         claims = verified.claims
         target = claims.submods.measurements.target
         nonce_h = _nonce_hash(claims.eat_nonce)
-        with self.read() as conn:
-            wl = conn.execute(_SEL_WORKLOAD_BY_NAME, {"name": target.name}).mappings().first()
-            if wl is None or wl["agent_id"] != agent["id"]:
-                raise ServerError(
-                    422,
-                    "workload_unknown",
-                    f"workload {target.name!r} is not registered for this agent",
-                )
-            nonce_row = conn.execute(_SEL_NONCE, {"h": nonce_h}).mappings().first()
+        row = hot.one(cur, self._hot.workload, {"h": nonce_h, "name": target.name})
+        if row is None or row[2] != agent["id"]:
+            raise ServerError(
+                422,
+                "workload_unknown",
+                f"workload {target.name!r} is not registered for this agent",
+            )
+        wl = dict(zip(hot.WORKLOAD_COLUMNS, row, strict=False))
+        wl["hold"], wl["stale"] = bool(wl["hold"]), bool(wl["stale"])
+        n = len(hot.WORKLOAD_COLUMNS)
+        nonce_row = (
+            None
+            if row[n] is None
+            else {"agent_id": row[n], "used_at": row[n + 1], "expires_at": row[n + 2]}
+        )
         _check_nonce(nonce_row, agent["id"], now)  # early, cheap rejection; re-checked below
 
         document = self._evidence_input(agent, wl, verified, missing)
@@ -726,69 +734,135 @@ class Service:
         ear = sign_ear(appraisal, self.signer, now)
         behavior = claims.submods.behavior
         score = _score(behavior.scores, behavior.thresholds) if behavior is not None else None
-
-        with self.write() as conn:
-            ratelimit.hit(conn, agent["id"], self.settings.agent_requests_per_minute, now)
-            used = conn.execute(
-                _USE_NONCE, {"h": nonce_h, "agent": agent["id"], "now": now}
-            ).first()
-            if used is None:
-                row = conn.execute(_SEL_NONCE, {"h": nonce_h}).mappings().first()
-                _check_nonce(row, agent["id"], now)
-                raise ServerError(409, "nonce_used", "the nonce was already used")
-            if claims.iat < used.issued_at - self.settings.clock_skew_s:
-                raise ServerError(422, "nonce_stale", "token was issued before its nonce")
-            tpm = verified.tpm_clock
-            moved = conn.execute(
-                _MOVE_CHAIN,
-                {
-                    "agent": agent["id"],
-                    "old_seq": agent["last_seq"],
-                    "seq": claims.bam_seq,
-                    "digest": digest,
-                    "nonce": claims.eat_nonce,
-                    "now": now,
-                    "tpm_clock": tpm.clock if tpm else None,
-                    "tpm_reset": tpm.reset_count if tpm else None,
-                    "tpm_restart": tpm.restart_count if tpm else None,
-                    "tpm_safe": tpm.safe if tpm else None,
-                    "tpm_ak": verified.ak_thumbprint,
-                },
-            ).rowcount
-            if moved != 1:
-                raise _RetryError
-            evidence_id = conn.execute(
-                _INS_EVIDENCE,
-                {
-                    "digest": digest,
-                    "agent_id": agent["id"],
-                    "workload_id": wl["id"],
-                    "seq": claims.bam_seq,
-                    "iat": claims.iat,
-                    "received_at": now,
-                    "severity": behavior.severity if behavior else None,
-                    "label": behavior.label if behavior else None,
-                    "score": score,
-                    "window_end": behavior.window_end if behavior else None,
-                    "token": text,
-                },
-            ).scalar_one()
-            result = self._store_appraisal(
-                conn,
-                wl,
-                appraisal,
-                decision,
-                ear,
-                now,
-                evidence_id=evidence_id,
-                severity=behavior.severity if behavior else None,
-                actor=f"agent:{agent['id']}",
+        tpm = verified.tpm_clock
+        hold, hold_since, hold_action = _next_hold(wl, appraisal, decision, now)
+        next_nonce = new_nonce(32)
+        next_expires = now + self.settings.nonce_ttl_s
+        reasons_json = _dumps(list(appraisal.reasons))
+        params: dict[str, Any] = {
+            # claim: rate limit, nonce, chain
+            "agent": agent["id"],
+            "window": ratelimit.window(now),
+            "h": nonce_h,
+            "now": now,
+            "old_seq": agent["last_seq"],
+            "seq": claims.bam_seq,
+            "digest": digest,
+            "nonce": claims.eat_nonce,
+            "tpm_clock": tpm.clock if tpm else None,
+            "tpm_reset": tpm.reset_count if tpm else None,
+            "tpm_restart": tpm.restart_count if tpm else None,
+            "tpm_safe": tpm.safe if tpm else None,
+            "tpm_ak": verified.ak_thumbprint,
+            # store: evidence, result, workload, next nonce
+            "wid": wl["id"],
+            "iat": claims.iat,
+            "severity": behavior.severity if behavior else None,
+            "label": behavior.label if behavior else None,
+            "score": score,
+            "window_end": behavior.window_end if behavior else None,
+            "token": text,
+            "trigger": appraisal.trigger,
+            "status": appraisal.status,
+            "action": appraisal.action,
+            "reasons": reasons_json,
+            "policy_id": appraisal.policy_id,
+            "policy_version": appraisal.policy_version,
+            "ear": ear,
+            "hold": hold,
+            "hold_since": hold_since,
+            "hold_action": hold_action,
+            "stale": False,
+            "old": wl["version"],
+            "next_h": _nonce_hash(next_nonce),
+            "next_expires": next_expires,
+        }
+        limit = self.settings.agent_requests_per_minute
+        st = self._hot
+        if st.postgresql:
+            count, issued_at, moved = hot.one(cur, st.pg_claim, params) or (None, None, 0)
+        else:
+            cur.execute("BEGIN IMMEDIATE")
+            count = hot.one(cur, st.rate_hit, params)[0]  # type: ignore[index]
+            used = hot.one(cur, st.use_nonce, params) if count <= limit else None
+            issued_at = used[0] if used is not None else None
+            moved = 0
+            if issued_at is not None:
+                cur.execute(st.move_chain, params)
+                moved = cur.rowcount
+        if count is None or count > limit:
+            raise ratelimit.limited(agent["id"], limit, now)
+        if issued_at is None:
+            _check_nonce(_nonce_dict(hot.one(cur, st.nonce, {"h": nonce_h})), agent["id"], now)
+            raise ServerError(409, "nonce_used", "the nonce was already used")
+        if claims.iat < issued_at - self.settings.clock_skew_s:
+            raise ServerError(422, "nonce_stale", "token was issued before its nonce")
+        if moved != 1:
+            raise _RetryError
+        if st.postgresql:
+            evidence_id, result_id, moved = hot.one(cur, st.pg_store, params) or (None, None, 0)
+        else:
+            evidence_id = hot.one(cur, st.insert_evidence, params)[0]  # type: ignore[index]
+            params["evidence_id"] = evidence_id
+            result_id = hot.one(cur, st.insert_result, params)[0]  # type: ignore[index]
+            params["result_id"] = result_id
+            cur.execute(st.move_workload, params)
+            moved = cur.rowcount
+            if moved == 1:
+                cur.execute(st.insert_nonce, params)
+        if moved != 1:
+            raise _RetryError
+        contra = appraisal.status == "contraindicated"
+        if appraisal.action != wl["action"] or (contra and not wl["hold"]):
+            cur.execute(
+                st.insert_action,
+                {**params, "result_id": result_id, "state": "pending"},
             )
-            next_nonce = self._insert_nonce(conn, agent["id"], now)
-        return EvidenceOutcome(evidence_id, digest, claims.bam_seq, False, result, next_nonce)
+            cur.execute(
+                st.insert_audit,
+                {
+                    "now": now,
+                    "actor": f"policy:{appraisal.policy_id}"[:160],
+                    "event": "action",
+                    "workload": wl["name"],
+                    "detail": _dumps(
+                        {
+                            "action": appraisal.action,
+                            "previous": wl["action"],
+                            "status": appraisal.status,
+                            "reasons": list(appraisal.reasons),
+                            "result_id": result_id,
+                            "trigger": appraisal.trigger,
+                            "by": f"agent:{agent['id']}",
+                        }
+                    ),
+                },
+            )
+        raw.commit()
+        result = {
+            "id": result_id,
+            "workload": wl["name"],
+            "status": appraisal.status,
+            "action": appraisal.action,
+            "reasons": list(appraisal.reasons),
+            "trust_vector": appraisal.trust_vector,
+            "policy_id": appraisal.policy_id,
+            "policy_version": appraisal.policy_version,
+            "trigger": appraisal.trigger,
+            "created_at": now,
+            "evidence_id": evidence_id,
+            "ear": ear,
+        }
+        return EvidenceOutcome(
+            evidence_id, digest, claims.bam_seq, False, result, (next_nonce, next_expires)
+        )
 
     def _evidence_input(
-        self, agent: RowMapping, wl: RowMapping, verified: VerifiedEvidence, missing: int
+        self,
+        agent: Mapping[str, Any],
+        wl: Mapping[str, Any],
+        verified: VerifiedEvidence,
+        missing: int,
     ) -> dict[str, Any]:
         """The policy input for one verified token (kept small: set_input cost grows with it)."""
         claims = verified.claims
@@ -835,7 +909,7 @@ class Service:
         }
 
     def _decide(
-        self, wl: RowMapping, document: dict[str, Any], now: float
+        self, wl: Mapping[Any, Any], document: dict[str, Any], now: float
     ) -> tuple[Appraisal, Decision]:
         """Evaluate the policy, then apply the hold (contraindicated sticks until an ack)."""
         policy = self.active_policy()
@@ -901,15 +975,7 @@ class Service:
             },
         ).scalar_one()
         contra = appraisal.status == "contraindicated"
-        hold, hold_since, hold_action = wl["hold"], wl["hold_since"], wl["hold_action"]
-        if contra and not hold:
-            hold, hold_since, hold_action = True, now, appraisal.action
-        elif (
-            contra and hold and ACTION_RANK[appraisal.action] > ACTION_RANK[hold_action or "allow"]
-        ):
-            hold_action = appraisal.action
-        elif hold and decision.clear_hold:
-            hold, hold_since, hold_action = False, None, None
+        hold, hold_since, hold_action = _next_hold(wl, appraisal, decision, now)
         values: dict[str, Any] = {
             "status": appraisal.status,
             "action": appraisal.action,
@@ -1364,7 +1430,26 @@ def _header_kid(text: str) -> str:
     return kid
 
 
-def _check_nonce(row: RowMapping | None, agent_id: str, now: float) -> None:
+def _nonce_dict(row: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    return None if row is None else {"agent_id": row[0], "used_at": row[1], "expires_at": row[2]}
+
+
+def _next_hold(
+    wl: Mapping[Any, Any], appraisal: Appraisal, decision: Decision, now: float
+) -> tuple[bool, float | None, str | None]:
+    """The workload's hold after ``appraisal``: contraindicated sticks until cleared."""
+    contra = appraisal.status == "contraindicated"
+    hold, hold_since, hold_action = bool(wl["hold"]), wl["hold_since"], wl["hold_action"]
+    if contra and not hold:
+        return True, now, appraisal.action
+    if contra and hold and ACTION_RANK[appraisal.action] > ACTION_RANK[hold_action or "allow"]:
+        return hold, hold_since, appraisal.action
+    if hold and decision.clear_hold:
+        return False, None, None
+    return hold, hold_since, hold_action
+
+
+def _check_nonce(row: Mapping[str, Any] | None, agent_id: str, now: float) -> None:
     if row is None or row["agent_id"] != agent_id:
         raise ServerError(422, "nonce_unknown", "the nonce was not issued to this agent")
     if row["used_at"] is not None:
@@ -1373,7 +1458,7 @@ def _check_nonce(row: RowMapping | None, agent_id: str, now: float) -> None:
         raise ServerError(422, "nonce_expired", "the nonce expired before the evidence arrived")
 
 
-def _clock(agent: RowMapping) -> ClockInfo | None:
+def _clock(agent: Mapping[str, Any]) -> ClockInfo | None:
     if agent["tpm_clock"] is None:
         return None
     return ClockInfo(
@@ -1420,7 +1505,7 @@ def _score(scores: dict[str, float], thresholds: dict[str, float]) -> float | No
     return max(scores.values()) if scores else None
 
 
-def _workload_input(wl: RowMapping, *, stale: bool) -> dict[str, Any]:
+def _workload_input(wl: Mapping[Any, Any], *, stale: bool) -> dict[str, Any]:
     return {
         "name": wl["name"],
         "kind": wl["kind"],

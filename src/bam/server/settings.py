@@ -23,6 +23,14 @@ from pydantic_settings import (
 from bam.evidence.keys.software import default_data_dir
 
 
+def _cores() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
 def _default_server_dir() -> Path:
     return default_data_dir() / "server"
 
@@ -50,7 +58,8 @@ class ServerSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8443
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    workers: Annotated[int, Field(ge=1, le=64)] = Field(default_factory=_cores)
+    """uvicorn worker processes; default: the cores this process may run on (at most 8)."""
     tls: bool | None = None
     """``None``: serve TLS when the certificate and key files exist."""
     tls_cert: Path | None = None
