@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -111,11 +112,17 @@ class Run:
 
 
 def plan(root: Path, name: str, rng: np.random.Generator, variant: str = "none") -> Run:
-    """Inputs and environment of one run, drawn from ``rng`` in a fixed order."""
-    folder = root / name
+    """Inputs and environment of one run, drawn from ``rng`` in a fixed order.
+
+    Every run's folder has a name of the same length: the length of argv and path strings
+    shifts the process's memory layout, and with it glibc's and Python's allocation calls, so
+    differently named benign runs would differ from the profile for a reason no workload has.
+    """
+    slot = f"r{zlib.crc32(name.encode()):010d}"
+    folder = root / slot
     make_inputs(folder, rng)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(root), "PYTHONHASHSEED": str(rng.integers(2**31))}
-    return Run(name, folder, root / f"{name}.strace", env, variant)
+    return Run(name, folder, root / f"{slot}.strace", env, variant)
 
 
 def record(strace: str, run: Run) -> Trace:

@@ -280,10 +280,15 @@ class Baseline:
             sev_value = max(sev_value, v)
             if not anomalous:
                 continue
-            # the first frame that alone makes the trace anomalous; its most surprising call
-            over = np.flatnonzero(self._frame_stats(ts.scores, n_frames) > self.trace_threshold_)
-            if len(over):
-                t0 = self._peak_time(trace, thread_idx[ts.tid_index], ts, int(over[0]))
+            # the start of the anomalous episode around this thread's worst frame: the first of
+            # the consecutive frames that each alone make the trace anomalous (an isolated
+            # borderline frame long before is not where the anomaly began)
+            over = self._frame_stats(ts.scores, n_frames) > self.trace_threshold_
+            peak = int(np.argmax(ts.scores))
+            if over[peak]:
+                calm = np.flatnonzero(~over[:peak])
+                first = int(calm[-1]) + 1 if len(calm) else 0
+                t0 = self._peak_time(trace, thread_idx[ts.tid_index], ts, first)
                 if t0 is not None and (first_ts is None or t0 < first_ts):
                     first_ts = t0
         if anomalous and sev_value < 1.0:

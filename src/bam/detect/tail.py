@@ -32,7 +32,11 @@ class TailModel:
         self.u_ = float(np.quantile(s, 1.0 - self.phi_))
         excess = s[s > self.u_] - self.u_
         spread = float(excess.mean()) if len(excess) else 0.0
-        self.beta_ = max(spread, abs(self.u_) * 1e-3, 1e-9)
+        # Never more confident than the data allows: the tail must give the calibration maximum
+        # a probability of about 1/n (a deterministic workload's near-identical frames must not
+        # make a benign variant "impossible"), and a scale of at least 1% of the score level.
+        reach = (float(s[-1]) - float(np.median(s))) / np.log(max(n / 2.0, 2.0))
+        self.beta_ = max(spread, reach, abs(self.u_) * 1e-2, 1e-6)
         grid = np.linspace(0.0, 1.0, 513)
         self.grid_ = np.quantile(s, grid)
         return self
