@@ -22,7 +22,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
-from bam.detect.severity import severity_of_windows
+from bam.detect.severity import level_of, severity_of_windows
 from bam.detect.tail import TailModel
 from bam.errors import ModelError
 from bam.events import Trace
@@ -295,8 +295,6 @@ class Baseline:
             sev_value = max(1.0, stat / max(self.trace_threshold_, 1e-9))
         if not anomalous:
             sev_value = 0.0
-        from bam.detect.severity import level_of
-
         severity = level_of(sev_value) if anomalous else "none"
         # explanation from the worst frame of the worst thread
         worst = max(threads, key=lambda t: float(t.scores.max()))

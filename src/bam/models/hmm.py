@@ -120,7 +120,6 @@ class HMM(CallDetector):
             dims = min(64, ctx.shape[1] - 1, len(symbols) - 1)
             feats = TruncatedSVD(dims, random_state=self.random_state).fit_transform(ctx)
             labels = KMeans(k, n_init=3, random_state=self.random_state).fit_predict(feats)
-            state_sym = np.full(k, -1)
             sym_state = {int(sv): int(lab) for sv, lab in zip(symbols, labels, strict=True)}
         uni = (freq + 1.0) / (freq.sum() + m)
         emis = np.tile(uni * 0.05, (k, 1))

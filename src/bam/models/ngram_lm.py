@@ -113,9 +113,7 @@ class NgramLM(CallDetector):
         acc = np.zeros(p.n_calls, dtype=np.float64)  # sum of log γ of seen histories on the way
         full = ngram_keys(p, self.order_, bits)
         for k in range(self.order_, 0, -1):
-            key = (
-                full[todo] & np.uint64((1 << (bits * k)) - 1) if k < 64 // bits + 1 else full[todo]
-            )
+            key = full[todo] & np.uint64((1 << (bits * k)) - 1)  # the last k calls
             if k == 1:
                 nll[todo] = -(acc[todo] + self.log_unigram_[key.astype(np.int64)])
                 break
