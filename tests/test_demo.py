@@ -35,7 +35,7 @@ def test_demo_detects_and_isolates_the_attack(tmp_path: Path) -> None:
         env={**os.environ, "COLUMNS": "200"},
         check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert out["benign_alerts"] == 0, out
     assert out["attack_detected"] is True, out
