@@ -27,6 +27,7 @@ import pytest
 from bam.actions.cgroup import Cgroup, v2_root
 from bam.actions.network import NetworkCut
 from bam.actions.process import ProcessActuator, proc_state, tcp_reachable
+from bam.sensors.sockets import SocketInfo, workload_sockets
 from bam.sensors.workload import descendants
 from conftest import require, require_tool
 
@@ -195,6 +196,35 @@ def test_network_cut_blocks_outbound_connects_and_is_undone(tree: Tree) -> None:
         cg.kill()
         cg.remove()
     assert not cg.path.exists()
+
+
+def test_network_cut_by_port_covers_sockets_made_before_adoption(tree: Tree) -> None:
+    """The tree's listener exists before the tree joins the group: the cut still closes it,
+    by the ports :func:`workload_sockets` finds, and leaves other listeners alone."""
+    require(v2_root() is not None, "a cgroup v2 hierarchy")
+    require_tool("nft")
+    cg = Cgroup.create(_name())
+    try:
+        cg.adopt(descendants([tree.proc.pid]))
+        socks = workload_sockets(cg.pids())
+        assert SocketInfo("tcp", tree.port, True) in socks
+        assert tcp_reachable("127.0.0.1", tree.port)
+        cut = NetworkCut(cg, sockets=socks)
+        rules = cut.ruleset()
+        assert "tcp dport {" in rules
+        assert f" {tree.port}" in rules
+        cut.apply()
+        try:
+            assert not tcp_reachable("127.0.0.1", tree.port, 0.5)
+            # the test's own listener (outside the group) still answers
+            with socket.create_connection(("127.0.0.1", tree.listener.getsockname()[1]), 1):
+                pass
+        finally:
+            cut.remove()
+        assert tcp_reachable("127.0.0.1", tree.port)
+    finally:
+        cg.kill()
+        cg.remove()
 
 
 def test_sigstop_fallback_without_cgroup(tree: Tree) -> None:

@@ -8,11 +8,14 @@ with EPERM) and on input (packets to the workload's sockets, e.g. its listener, 
 The path must be relative to ``/sys/fs/cgroup`` (``unified/<name>`` on this hybrid host) —
 nft resolves it to the cgroup's id when the rule is added.
 
-Limit: a socket belongs to the cgroup its creator was in *when it was created*. Sockets of a
-process adopted into the group later are not matched, so the agent starts the workloads it
-launches inside their group (:meth:`bam.actions.cgroup.Cgroup.enter`) from the first
-instruction; for adopted running processes only new sockets are cut (the freeze still stops
-all traffic they would generate).
+A socket belongs to the cgroup its creator was in *when it was created*, so sockets of a
+process adopted into the group later are not matched by the cgroup rule. The agent starts the
+workloads it launches inside their group (:meth:`bam.actions.cgroup.Cgroup.enter`) from the
+first instruction, and the cut also drops, by local port, every TCP/UDP socket the workload
+holds when it is isolated (:func:`bam.sensors.sockets.workload_sockets`): packets *to* those
+ports on input and *from* them on output. That second rule is what makes the cut hold for
+adopted processes, and it does not depend on the kernel's socket-to-cgroup bookkeeping. Its
+cost: another local socket bound to the same port number on a different address is cut too.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
+from collections.abc import Sequence
 
 from bam.actions.cgroup import ActionError, Cgroup, safe_name
+from bam.sensors.sockets import SocketInfo
 
 log = logging.getLogger("bam.actions")
 
@@ -44,22 +49,36 @@ def _nft(*args: str, stdin: str | None = None) -> str:
 
 
 class NetworkCut:
-    """An nftables table dropping every packet of one cgroup's sockets."""
+    """An nftables table dropping every packet of one cgroup's sockets (and of the listed
+    sockets' local ports)."""
 
-    def __init__(self, cgroup: Cgroup, name: str | None = None) -> None:
+    def __init__(
+        self, cgroup: Cgroup, name: str | None = None, sockets: Sequence[SocketInfo] = ()
+    ) -> None:
         self.cgroup = cgroup
+        self.sockets = tuple(sockets)
         self.table = "bam_iso_" + safe_name(name or cgroup.path.name).replace(".", "_").replace(
             "-", "_"
         )
 
     def ruleset(self) -> str:
         match = f'socket cgroupv2 level {self.cgroup.level} "{self.cgroup.rel}"'
+        out_rules = [f"{match} counter drop"]
+        in_rules = [f"{match} counter drop"]
+        for proto in ("tcp", "udp"):
+            ports = sorted({s.port for s in self.sockets if s.proto == proto})
+            if ports:
+                pset = "{ " + ", ".join(str(p) for p in ports) + " }"
+                out_rules.append(f"{proto} sport {pset} counter drop")
+                in_rules.append(f"{proto} dport {pset} counter drop")
+        out_body = "".join(f"    {r}\n" for r in out_rules)
+        in_body = "".join(f"    {r}\n" for r in in_rules)
         return (
             f"table inet {self.table} {{\n"
             "  chain out {\n    type filter hook output priority -10; policy accept;\n"
-            f"    {match} counter drop\n  }}\n"
+            f"{out_body}  }}\n"
             "  chain in {\n    type filter hook input priority -10; policy accept;\n"
-            f"    {match} counter drop\n  }}\n"
+            f"{in_body}  }}\n"
             "}\n"
         )
 

@@ -30,6 +30,7 @@ from typing import Any, Final
 
 from bam.actions.cgroup import ActionError, Cgroup, safe_name, v2_root
 from bam.actions.network import NetworkCut, nft_path
+from bam.sensors.sockets import workload_sockets
 from bam.sensors.workload import descendants, process_exists
 
 log = logging.getLogger("bam.actions")
@@ -205,8 +206,10 @@ class ProcessActuator:
             details["frozen_read_back"] = frozen
             try:
                 nft_path()
-                self.cut = self.cut or NetworkCut(self.cgroup, self.name)
+                socks = workload_sockets(self.pids())
+                self.cut = self.cut or NetworkCut(self.cgroup, self.name, socks)
                 self.cut.apply()
+                details["ports_cut"] = sorted({f"{s.proto}/{s.port}" for s in socks})
                 net = self.cut.active()
                 details["nft_table"] = f"inet {self.cut.table}"
             except ActionError as e:

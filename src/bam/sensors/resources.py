@@ -25,6 +25,7 @@ from typing import Any
 
 from bam.sensors.memory import Mapping, MapsWatcher
 from bam.sensors.perf import PerfCounters
+from bam.sensors.sockets import listening_ports
 from bam.sensors.workload import Target, cgroup_mounts
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -152,7 +153,7 @@ class ResourceSampler:
             for m in ms
         ]
         if self.listening:
-            s.listening_ports = _listening(pids)
+            s.listening_ports = listening_ports(pids)
         for pc in self.perf:
             for k, v in pc.read().items():
                 s.perf[k] = s.perf.get(k, 0) + v
@@ -205,30 +206,6 @@ def _netdev(pid: int) -> tuple[int, int]:
             f = rest.split()
             rx, tx = rx + int(f[0]), tx + int(f[8])
     return rx, tx
-
-
-def _listening(pids: set[int]) -> list[int]:
-    """TCP ports the workload listens on: LISTEN sockets of /proc/net/tcp{,6} whose inode is
-    one of the workload's open fds (procfs only; no psutil scan of every process)."""
-    inodes: set[str] = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    if link.startswith("socket:["):
-                        inodes.add(link[8:-1])
-    if not inodes:
-        return []
-    ports: set[int] = set()
-    for pid in sorted(pids)[:1]:
-        for table in ("tcp", "tcp6"):
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                    f = line.split()
-                    if len(f) > 9 and f[3] == "0A" and f[9] in inodes:
-                        ports.add(int(f[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
 
 
 __all__ = ["Mapping", "ResourceSample", "ResourceSampler"]
