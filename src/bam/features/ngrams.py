@@ -73,11 +73,18 @@ def ngram_keys(p: Packed, n: int, bits: int) -> U64:
     if n * bits > 64:
         raise ValueError(f"{n}-grams of a {bits}-bit vocabulary do not fit in 64-bit keys")
     codes = p.codes.astype(np.uint64)
-    key = np.zeros(len(p.pos), dtype=np.uint64)
+    if len(p.pos) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    # Build the key at every position of the padded array from contiguous slices (cheaper
+    # than n gathers), then keep the real calls: position i's key covers codes[i-n+1 .. i].
+    first = int(p.pos[0])
+    span = len(codes) - first
+    key = np.zeros(span, dtype=np.uint64)
     shift = np.uint64(bits)
     for back in range(n - 1, -1, -1):
-        key = (key << shift) | codes[p.pos - back]
-    return key
+        key <<= shift
+        key |= codes[first - back : first - back + span]
+    return key[p.pos - first]
 
 
 def render(key: int, n: int, bits: int) -> list[int]:

@@ -57,26 +57,33 @@ class KeyIndex:
             pending = pending[~placed]
             h[pending] = (h[pending] + 1) & (size - 1)
 
+        # Keys laid out by slot as well: a probe then reads one array, not slots then keys.
+        self.slot_keys = np.zeros(size, dtype=np.uint64)
+        used = self.slots >= 0
+        self.slot_keys[used] = keys[self.slots[used]]
+
     def _hash(self, keys: U64) -> npt.NDArray[np.int64]:
         return ((keys * _MULT) >> self._shift).astype(np.int64)
 
     def find(self, query: U64) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """Position of each query key in ``keys`` and whether it is present."""
-        idx = np.zeros(len(query), dtype=np.int64)
-        found = np.zeros(len(query), dtype=bool)
         if len(self.keys) == 0 or len(query) == 0:
-            return idx, found
+            return np.zeros(len(query), dtype=np.int64), np.zeros(len(query), dtype=bool)
         mask = (1 << self.bits) - 1
         slot = self._hash(query)
-        todo = np.arange(len(query))
+        # First probe over the whole batch without index bookkeeping: at load <= 1/4 it
+        # settles ~90% of queries; only the rest go round the probing loop.
+        cand = self.slots[slot]
+        found = (self.slot_keys[slot] == query) & (cand >= 0)
+        idx = np.where(found, cand, 0)
+        todo = np.flatnonzero(~found & (cand >= 0))
+        slot = (slot[todo] + 1) & mask
         while len(todo):
             cand = self.slots[slot]
-            empty = cand == -1
-            hit = ~empty
-            hit[hit] = self.keys[cand[hit]] == query[todo[hit]]
+            hit = (self.slot_keys[slot] == query[todo]) & (cand >= 0)
             idx[todo[hit]] = cand[hit]
             found[todo[hit]] = True
-            go_on = ~(empty | hit)
+            go_on = ~hit & (cand >= 0)
             todo = todo[go_on]
             slot = (slot[go_on] + 1) & mask
         return idx, found

@@ -108,24 +108,27 @@ class NgramLM(CallDetector):
         self.check_fitted()
         p = encode_pack(self.vocab_, seqs, self.order_)
         bits = self.vocab_.bits
-        nll = np.empty(p.n_calls, dtype=np.float64)
-        todo = np.arange(p.n_calls)  # calls whose longest matching order is not found yet
-        acc = np.zeros(p.n_calls, dtype=np.float64)  # sum of log γ of seen histories on the way
         full = ngram_keys(p, self.order_, bits)
-        for k in range(self.order_, 0, -1):
-            key = full[todo] & np.uint64((1 << (bits * k)) - 1)  # the last k calls
+        k = self.order_
+        if k == 1:
+            return p, -self.log_unigram_[full.astype(np.int64)]
+        # The longest order settles most calls: done over the whole batch, no index arrays.
+        j, found = lookup(self.index_[k - 1], full)
+        nll = np.where(found, -self.logp_[k - 1][j], 0.0)
+        todo = np.flatnonzero(~found)  # calls whose longest matching order is not found yet
+        acc = np.zeros(len(todo), dtype=np.float64)  # sum of log γ of seen histories, per todo
+        key = full[todo]
+        while len(todo):
+            hj, hfound = lookup(self.hist_index_[k - 1], key >> np.uint64(bits))
+            acc[hfound] += self.log_gamma_[k - 1][hj[hfound]]
+            k -= 1
+            key &= np.uint64((1 << (bits * k)) - 1)  # the last k calls
             if k == 1:
-                nll[todo] = -(acc[todo] + self.log_unigram_[key.astype(np.int64)])
+                nll[todo] = -(acc + self.log_unigram_[key.astype(np.int64)])
                 break
             j, found = lookup(self.index_[k - 1], key)
-            hit = todo[found]
-            nll[hit] = -(acc[hit] + self.logp_[k - 1][j[found]])
-            miss = todo[~found]
-            hj, hfound = lookup(self.hist_index_[k - 1], key[~found] >> np.uint64(bits))
-            acc[miss[hfound]] += self.log_gamma_[k - 1][hj[hfound]]
-            todo = miss
-            if len(todo) == 0:
-                break
+            nll[todo[found]] = -(acc[found] + self.logp_[k - 1][j[found]])
+            todo, acc, key = todo[~found], acc[~found], key[~found]
         return p, nll
 
     def explain(self, seq: I32, top: int = 5, context: int = 0) -> list[Contribution]:
