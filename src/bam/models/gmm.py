@@ -16,7 +16,6 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
-from scipy.special import logsumexp
 
 from bam.features.histogram import column_names, frequency_vectors
 from bam.features.vocabulary import OOV, Vocabulary
@@ -104,6 +103,8 @@ class GaussianMixtureDensity:
             )
         var, free = float(self.resid_var_[0]), int(self.resid_dims_[0])
         resid_nll = 0.5 * (r2 / var + free * np.log(2 * np.pi * var))
+        from scipy.special import logsumexp  # lazy: keeps scipy out of agents that use no GMM
+
         out: F64 = -logsumexp(logp, axis=1) + resid_nll
         return out
 

@@ -27,7 +27,6 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
-from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from bam.features.ngrams import ngram_keys
@@ -98,6 +97,8 @@ class HMM(CallDetector):
 
     # ---------------------------------------------------------------- initialisation
     def _init_params(self, seqs: list[npt.NDArray[np.int64]], m: int) -> None:
+        from scipy import sparse  # lazy: scoring needs no scipy (an agent's memory)
+
         rng = np.random.default_rng(self.random_state)
         k = self.n_states
         allc = np.concatenate(seqs)
@@ -166,6 +167,8 @@ class HMM(CallDetector):
             return self._fit(seqs)
 
     def _fit(self, seqs: Sequence[I32]) -> Self:
+        from scipy import sparse
+
         seqs = [s for s in seqs if len(s)]
         if not seqs:
             raise ValueError("cannot fit an HMM on no calls")
