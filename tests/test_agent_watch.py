@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sensors_support import bam_programs, require_ebpf
@@ -54,6 +56,64 @@ def test_watch_profiles_then_attests_with_an_embedded_server() -> None:
     assert stats["spool_pending"] == 0
     assert bam_programs() == []
     assert not Path("/sys/fs/cgroup/unified/bam-watched").exists()
+
+
+def test_watch_profiles_until_told() -> None:
+    """``--until-told``: profiling lasts until SIGUSR1 (or Enter), not a fixed time."""
+    require_ebpf()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from bam.cli import main; main()",
+            "watch",
+            "--json",
+            "--until-told",
+            "--interval",
+            "1",
+            "--duration",
+            "60",
+            "--name",
+            "told",
+            "--",
+            sys.executable,
+            "-c",
+            LOOP,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        events: list[dict[str, object]] = []
+        for line in proc.stdout:
+            if line.startswith("{"):
+                events.append(json.loads(line))
+                if events[-1].get("phase") == "profiling":
+                    break
+        t_profiling = time.monotonic()
+        time.sleep(4.0)  # well past any default; still profiling, since nobody said stop
+        proc.send_signal(signal.SIGUSR1)
+        for line in proc.stdout:
+            if line.startswith("{"):
+                e = json.loads(line)
+                events.append(e)
+                if e.get("type") == "phase" and e.get("phase") == "monitoring":
+                    break
+        told_after = time.monotonic() - t_profiling
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    phases = [e["phase"] for e in events if e["type"] == "phase"]
+    assert phases == ["profiling", "monitoring"]
+    assert told_after >= 4.0
+    assert proc.returncode == 0
+    assert bam_programs() == []
+    assert not Path("/sys/fs/cgroup/unified/bam-told").exists()
 
 
 def test_watch_without_a_command_is_a_clear_error() -> None:

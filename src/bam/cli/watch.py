@@ -9,9 +9,11 @@ policy are applied to CMD's process tree (``--no-enforce`` only shows them) and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -25,6 +27,13 @@ from bam.cli import app as root
 from bam.cli._common import console, user_errors
 
 SPARK = " ▁▂▃▄▅▆▇█"
+UNTIL_TOLD_S = 365 * 86400.0  # "until told": profiling ends on Enter / SIGUSR1, not on time
+
+
+def _wait_enter(told: threading.Event) -> None:
+    """Set ``told`` on each line typed on the terminal (Enter ends the profiling phase)."""
+    for _ in sys.stdin:
+        told.set()
 
 
 def _spark(values: list[float], vmax: float = 10.0) -> str:
@@ -117,6 +126,13 @@ def watch(
         str | None, typer.Option("--token", help="Enrolment token (with --server).")
     ] = None,
     profile: Annotated[float, typer.Option("--profile", help="Profiling time, s.")] = 30.0,
+    until_told: Annotated[
+        bool,
+        typer.Option(
+            "--until-told",
+            help="Profile until you press Enter (or send SIGUSR1), not for --profile seconds.",
+        ),
+    ] = False,
     interval: Annotated[float, typer.Option("--interval", help="Attest every S s.")] = 5.0,
     duration: Annotated[
         float | None, typer.Option("--duration", help="Stop after S s in total.")
@@ -147,8 +163,14 @@ def watch(
         tmp = tempfile.TemporaryDirectory(prefix="bam-watch-")
         embedded: EmbeddedServer | None = None
         stop = threading.Event()
+        told = threading.Event()
         signal.signal(signal.SIGINT, lambda s, f: stop.set())
         signal.signal(signal.SIGTERM, lambda s, f: stop.set())
+        if until_told:
+            signal.signal(signal.SIGUSR1, lambda s, f: told.set())
+            if sys.stdin.isatty():
+                threading.Thread(target=_wait_enter, args=(told,), daemon=True).start()
+            profile = UNTIL_TOLD_S
         try:
             if server is None:
                 embedded = EmbeddedServer(Path(tmp.name), in_process=True).start()
@@ -179,20 +201,29 @@ def watch(
             with Agent(settings, on_event=on_event) as agent:
                 agent.enrol(stop)
                 agent.start_targets()
-                if json_out:
-                    agent.run(stop, duration_s=duration)
-                else:
-                    from rich.live import Live
+                if until_told:
+                    view.log.append("profiling until told: press Enter or send SIGUSR1")
+                with contextlib.ExitStack() as stack:
+                    live = None
+                    if not json_out:
+                        from rich.live import Live
 
-                    with Live(view.render(), console=console, refresh_per_second=4) as live:
-                        end = None if duration is None else time.monotonic() + duration
-                        while not stop.is_set():
-                            agent.run(stop, duration_s=0.25)
+                        live = stack.enter_context(
+                            Live(view.render(), console=console, refresh_per_second=4)
+                        )
+                    end = None if duration is None else time.monotonic() + duration
+                    while not stop.is_set():
+                        agent.run(stop, duration_s=0.25)
+                        if told.is_set():
+                            told.clear()
+                            for st in agent.targets.values():
+                                st.monitor.end_profiling_soon()
+                        if live is not None:
                             live.update(view.render())
-                            if all(s.ended for s in agent.targets.values()):
-                                break
-                            if end is not None and time.monotonic() >= end:
-                                break
+                        if all(s.ended for s in agent.targets.values()):
+                            break
+                        if end is not None and time.monotonic() >= end:
+                            break
                 stats = agent.stats()
             if json_out:
                 print(json.dumps({"type": "stats", **stats}), flush=True)
