@@ -19,6 +19,7 @@ from bam.cli import bench_capture  # noqa: F401
 from bam.cli import server  # noqa: F401
 from bam.cli import bench_server  # noqa: F401
 from bam.cli import bench_agent  # noqa: F401
+from bam.cli import classifier  # noqa: F401
 from bam.cli import vm  # noqa: F401
 from bam.cli import agent  # noqa: F401
 from bam.cli import watch  # noqa: F401
