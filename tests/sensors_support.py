@@ -40,15 +40,38 @@ def loop_binary(tmp: Path) -> Path:
     return out
 
 
+def _own_prog_ids() -> set[int]:
+    """Ids of the BPF programs this process still holds (through any fd: program, link)."""
+    ids: set[int] = set()
+    for fd in os.listdir("/proc/self/fdinfo"):
+        try:
+            text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("prog_id:"):
+                ids.add(int(line.split()[1]))
+    return ids
+
+
 def bam_programs() -> list[str]:
-    """BAM BPF programs still loaded (waits briefly: the kernel frees programs lazily)."""
+    """BAM BPF programs this process still holds (waits briefly: the kernel frees programs
+    lazily). Only this process's: the machine may run other BAM sensors meanwhile, and a
+    program we leaked is necessarily held by one of our fds (nothing is pinned)."""
     bpftool = shutil.which("bpftool")
     if bpftool is None:
         pytest.fail("bpftool missing")
     left: list[str] = []
     for _ in range(40):
         out = subprocess.run([bpftool, "prog", "list"], capture_output=True, text=True).stdout
-        left = [ln for ln in out.splitlines() if " name bam_" in ln]
+        own = _own_prog_ids()
+        left = [
+            ln
+            for ln in out.splitlines()
+            if " name bam_" in ln
+            and ln.split(":", 1)[0].strip().isdigit()
+            and int(ln.split(":", 1)[0]) in own
+        ]
         if not left:
             return []
         time.sleep(0.05)

@@ -52,6 +52,92 @@ def test_every_call_captured_in_order(tmp_path: Path) -> None:
     assert bam_programs() == []
 
 
+_BURSTS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+static long long now(void) {
+    struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t);  /* vDSO: no syscall */
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+int main(int c, char **v) {
+    int bursts = atoi(v[1]); long n = atol(v[2]); long long t[64][2];
+    for (int b = 0; b < bursts && b < 64; b++) {
+        t[b][0] = now();
+        for (long i = 0; i < n; i++) syscall(SYS_getppid);
+        t[b][1] = now();
+        usleep(5000);
+    }
+    FILE *f = fopen(v[3], "w");
+    for (int b = 0; b < bursts && b < 64; b++) fprintf(f, "%lld %lld\n", t[b][0], t[b][1]);
+    return fclose(f);
+}
+"""
+
+
+@pytest.mark.parametrize("precise", [False, True])
+def test_timestamps_bound_the_true_times(tmp_path: Path, precise: bool) -> None:
+    """Each burst's events are stamped inside the burst's own clock readings, in order, and
+    spread over it. The default reads the clock once per CLK_RUN calls of an uninterrupted
+    run and stamps the others +1 ns: never later than the truth, at most a jiffy (<= 10 ms
+    for HZ >= 100) earlier; ``precise_ts`` stamps every call."""
+    src, exe, out = tmp_path / "b.c", tmp_path / "bursts", tmp_path / "times.txt"
+    src.write_text(_BURSTS_C)
+    subprocess.run(["cc", "-O2", "-o", str(exe), str(src)], check=True)
+    bursts, n = 4, 20_000
+    cmd = GatedCommand([str(exe), str(bursts), str(n), str(out)], stdout=subprocess.DEVNULL)
+    sensor = EbpfSyscallSensor(cmd.target(), trim_tid=cmd.pid, precise_ts=precise)
+    sensor.start()
+    cmd.release()
+    sensor.run_until(lambda: cmd.poll() is not None)
+    cap = sensor.close()
+    assert cap.drops == 0
+    true = np.loadtxt(out, dtype=np.float64).reshape(bursts, 2) * 1e-9
+    mono = cap.events.ts - sensor._offset  # back to CLOCK_MONOTONIC seconds
+    assert np.all(np.diff(cap.events.ts) >= 0)
+    got = mono[cap.events.sid == id_of("getppid")].reshape(bursts, n)
+    slack = 5e-6  # float64 epoch seconds (~0.4 us) and the offset's own rounding
+    early = slack if precise else slack + 0.010
+    for (t0, t1), stamps in zip(true, got, strict=True):
+        assert stamps[0] >= t0 - early
+        assert stamps[-1] <= t1 + slack
+        assert stamps[-1] - stamps[0] >= 0.9 * (t1 - t0) - 2e-4
+
+
+_FAULTS_PY = r"""
+import ctypes, mmap, sys
+size = int(sys.argv[1])
+m = mmap.mmap(-1, size)
+m.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per 4 KiB page
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+open(sys.argv[2], "w").write(str(addr))
+for i in range(0, size, 4096):
+    m[i] = 1
+"""
+
+
+def test_page_fault_address_histogram(tmp_path: Path) -> None:
+    """Write faults on a fresh 32 MiB mapping land in the histogram's regions covering it."""
+    size, out = 32 << 20, tmp_path / "addr"
+    cmd = GatedCommand([sys.executable, "-S", "-c", _FAULTS_PY, str(size), str(out)])
+    sensor = EbpfSyscallSensor(cmd.target(), trim_tid=cmd.pid, page_faults=True)
+    sensor.start()
+    cmd.release()
+    sensor.run_until(lambda: cmd.poll() is not None)
+    pf = sensor.close().extra["page_faults"]
+    assert "unsupported" not in pf, pf
+    addr, pages = int(out.read_text()), size // 4096
+    lo, hi = addr & ~(pf["region_bytes"] - 1), addr + size
+    mine = [r for r in pf["regions"] if r["pid"] == cmd.pid and lo <= r["start"] < hi]
+    assert 0.95 * pages <= sum(r["faults"] for r in mine) <= 1.05 * pages + 64
+    assert sum(r["write"] for r in mine) >= 0.95 * pages
+    assert pf["total"] == sum(r["faults"] for r in pf["regions"]) + pf["unbinned"]
+    assert pf["unbinned"] == 0
+    assert bam_programs() == []
+
+
 def test_process_tree_followed_and_others_excluded(tmp_path: Path) -> None:
     loop = loop_binary(tmp_path)
     outsider = subprocess.Popen([str(loop), "200000000"])  # busy, but not ours

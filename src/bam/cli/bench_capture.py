@@ -1,7 +1,7 @@
 """``bam bench capture``: system-call capture cost of each backend, side by side.
 
-Prints, per backend and workload, the wall-time slowdown, events expected vs captured, drops
-and the sensor's own CPU (``--json``: ``{"backends": {NAME: {"workloads": {WL: {...}}}}}``).
+Prints, per backend and workload, the wall-time and workload-CPU slowdowns (each run against
+the no-sensor run just before it), events expected vs captured, drops and the sensor's own CPU (``--json``: ``{"backends": {NAME: {"workloads": {WL: {...}}}}}``).
 Needs root for the kernel backends; strace runs anywhere.
 """
 
@@ -28,7 +28,8 @@ def capture_cmd(
     backend: Annotated[
         list[str] | None,
         typer.Option(
-            "--backend", help="ebpf, ebpf-agg, tracefs, strace; repeatable (default all)."
+            "--backend",
+            help="ebpf, ebpf-agg, tracefs, strace (ebpf-precise: on request); repeatable.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
@@ -48,7 +49,8 @@ def capture_cmd(
         print_json(res)
         return
     t = Table(title="system-call capture cost (median wall time; slowdown vs no sensor)")
-    for col in ("backend", "workload", "slowdown", "captured", "expected", "drops", "sensor CPU s"):
+    cols = ("backend", "workload", "slowdown", "CPU slowdown", "captured", "expected", "drops")
+    for col in (*cols, "sensor CPU s"):
         t.add_column(col)
     for b, v in res["backends"].items():
         if b == "none":
@@ -58,6 +60,7 @@ def capture_cmd(
                 b,
                 w,
                 f"{e['slowdown']:.2f}x",
+                f"{e['cpu_slowdown']:.2f}x" if "cpu_slowdown" in e else "-",
                 str(e["captured"]),
                 str(e["expected"]),
                 str(e["drops"]),

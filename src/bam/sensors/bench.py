@@ -12,16 +12,25 @@ Three workloads, each run with no sensor, with every BAM backend, and under ``st
   count the kernel filter selected (no independent count of tar's calls exists), so this
   workload checks the delivery path, the two above check the filter too.
 
-Runs are interleaved (none, backend, none, backend, ...) and the *median* wall time of each is
-reported, because this machine is shared and noisy; ``slowdown`` is median(sensor) /
-median(none) of the workload's wall time from exec to exit. strace runs the ``syscalls``
-workload with fewer calls (it is ~500x slower) and is compared with a no-sensor run of that
-same size. Nothing here is asserted as a timing: tests check counts, this reports speed.
+``--backend ebpf-precise`` adds the eBPF sensor reading the clock for every event (its
+per-event cost before timestamps were amortised); it is not in the default set.
+
+Runs are interleaved (none, backend, none, backend, ...), because this machine is shared and
+noisy: ``slowdown`` is the median over runs of wall(sensor run) / wall(the no-sensor run just
+before it), wall time from release (exec) to exit, the exit seen at once through a pidfd;
+``cpu_slowdown`` is the same ratio of the workload's own CPU time (user + system of the
+command and the children it waited for, from ``wait4``), which is where the kernel side of a
+sensor is paid and which other jobs on the machine disturb much less than wall time.
+strace runs the ``syscalls`` workload with fewer calls (it is ~500x slower) and is compared
+with a no-sensor run of that same size. Nothing here is asserted as a timing: tests check
+counts, this reports speed.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -64,7 +73,8 @@ _IO_PY = (
 )
 
 
-_Run = tuple[float, int, int, int, float]  # wall, captured, expected, drops, sensor cpu
+# wall, captured, expected, drops, sensor cpu, workload cpu (None: unknown)
+_Run = tuple[float, int, int, int, float, float | None]
 
 
 @dataclass
@@ -106,12 +116,30 @@ def _workloads(tmp: Path, calls: int, io_blocks: int) -> dict[str, Workload]:
     }
 
 
-def _timed_none(argv: list[str]) -> float:
+def _timed_none(argv: list[str]) -> tuple[float, float | None]:
+    """(wall, CPU) of one run without a sensor."""
     cmd = GatedCommand(argv, stdout=subprocess.DEVNULL)
     t0 = time.perf_counter()
     cmd.release()
     cmd.wait()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, cmd.cpu_s
+
+
+def _wait_polling(cmd: GatedCommand, poll: Callable[[], object], interval: float = 0.01) -> None:
+    """Wait for ``cmd`` to exit, calling ``poll`` every ``interval`` s meanwhile; the exit is
+    seen when it happens (pidfd), not at the next tick, so wall times are not rounded up."""
+    fd = cmd.wait_fd()
+    try:
+        while cmd.poll() is None:
+            if fd >= 0:
+                if select.select([fd], [], [], interval)[0]:
+                    break
+            else:
+                time.sleep(interval)
+            poll()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _marked(cap: Capture, marks: tuple[str, ...]) -> int:
@@ -120,11 +148,17 @@ def _marked(cap: Capture, marks: tuple[str, ...]) -> int:
 
 
 def _run_stream(kind: str, wl: Workload) -> _Run:
-    """(wall, captured, expected, drops, sensor cpu) for one streaming-backend run."""
+    """One streaming-backend run (``ebpf-precise``: the eBPF sensor reading the clock for
+    every event, see ``EbpfSyscallSensor(precise_ts=...)``)."""
+    from bam.sensors.ebpf import EbpfSyscallSensor
     from bam.sensors.record import _sensor
 
     cmd = GatedCommand(wl.argv, stdout=subprocess.DEVNULL)
-    sensor = _sensor(kind, cmd.target(), returns=False, trim_tid=cmd.pid)
+    sensor: Any
+    if kind == "ebpf-precise":
+        sensor = EbpfSyscallSensor(cmd.target(), trim_tid=cmd.pid, precise_ts=True)
+    else:
+        sensor = _sensor(kind, cmd.target(), returns=False, trim_tid=cmd.pid)
     try:
         sensor.start()
     except BaseException:
@@ -133,10 +167,10 @@ def _run_stream(kind: str, wl: Workload) -> _Run:
     try:
         t0 = time.perf_counter()
         cmd.release()
-        while cmd.poll() is None:
-            sensor.poll()
-            time.sleep(0.01)  # the ring holds ~2 s at 1 M events/s: no need to spin
+        # the ring holds ~2 s at 1 M events/s: draining every 10 ms is plenty
+        _wait_polling(cmd, sensor.poll)
         wall = time.perf_counter() - t0
+        cmd.wait()
     finally:
         if cmd.poll() is None:
             cmd.kill()
@@ -145,7 +179,7 @@ def _run_stream(kind: str, wl: Workload) -> _Run:
         captured, expected = _marked(cap, wl.marks), wl.expected or 0
     else:
         captured, expected = len(cap), cap.seen - int(cap.extra.get("trimmed", 0))
-    return wall, captured, expected, cap.drops, cap.sensor_cpu_s
+    return wall, captured, expected, cap.drops, cap.sensor_cpu_s, cmd.cpu_s
 
 
 def _run_agg(wl: Workload) -> _Run:
@@ -171,7 +205,7 @@ def _run_agg(wl: Workload) -> _Run:
         expected = wl.expected or 0
     else:
         captured = expected = res.total
-    return wall, captured, expected, 0, res.sensor_cpu_s
+    return wall, captured, expected, 0, res.sensor_cpu_s, cmd.cpu_s
 
 
 def _run_strace(wl: Workload) -> _Run:
@@ -182,7 +216,7 @@ def _run_strace(wl: Workload) -> _Run:
         captured, expected = _marked(cap, wl.marks), wl.expected or 0
     else:
         captured = expected = len(cap)
-    return cap.wall_s, captured, expected, 0, cap.sensor_cpu_s
+    return cap.wall_s, captured, expected, 0, cap.sensor_cpu_s, None
 
 
 def available_backends() -> dict[str, str | None]:
@@ -214,7 +248,7 @@ def bench_capture(
     runners: dict[str, Callable[[Workload], _Run]] = {}
     skipped: dict[str, str] = {}
     for b in wanted:
-        base = "ebpf" if b == "ebpf-agg" else b
+        base = "ebpf" if b in ("ebpf-agg", "ebpf-precise") else b
         why = avail.get(base, f"unknown backend {b!r}")
         if why is not None:
             skipped[b] = why
@@ -232,9 +266,10 @@ def bench_capture(
         tmp = Path(tmpd)
         wls = _workloads(tmp, calls, io_blocks)
         small = _workloads_small(tmp, wls, strace_calls)
-        none_times: dict[str, list[float]] = {w: [] for w in wls}
-        # per backend and workload: (ratio to the adjacent no-sensor run, run result)
-        results: dict[str, dict[str, list[tuple[float, _Run]]]] = {
+        none_times: dict[str, list[tuple[float, float | None]]] = {w: [] for w in wls}
+        # per backend and workload: (wall ratio, CPU ratio or None, run result), each ratio to
+        # the no-sensor run just before
+        results: dict[str, dict[str, list[tuple[float, float | None, _Run]]]] = {
             b: {w: [] for w in wls} for b in runners
         }
         for wname, wl in wls.items():
@@ -245,32 +280,41 @@ def bench_capture(
                         continue
                     use = small if (b == "strace" and wname == "syscalls") else wl
                     say(f"{wname} #{r + 1}: none, then {b}")
-                    t_none = _timed_none(use.argv)
+                    t_none, c_none = _timed_none(use.argv)
                     if use is wl:
-                        none_times[wname].append(t_none)
+                        none_times[wname].append((t_none, c_none))
                     res = run(use)
-                    results[b][wname].append((res[0] / t_none, res))
-        med_none = {w: statistics.median(v) for w, v in none_times.items() if v}
-        out["backends"]["none"] = {
-            "workloads": {w: {"wall_s": round(v, 4)} for w, v in med_none.items()}
-        }
+                    c_ratio = res[5] / c_none if res[5] is not None and c_none else None
+                    results[b][wname].append((res[0] / t_none, c_ratio, res))
+        out["backends"]["none"] = {"workloads": {}}
+        for w, v in none_times.items():
+            if not v:
+                continue
+            e: dict[str, Any] = {"wall_s": round(statistics.median(x[0] for x in v), 4)}
+            cpus = [x[1] for x in v if x[1] is not None]
+            if cpus:
+                e["cpu_s"] = round(statistics.median(cpus), 4)
+            out["backends"]["none"]["workloads"][w] = e
         for b, per in results.items():
             wout: dict[str, Any] = {}
             for wname, runs in per.items():
                 if not runs:
                     continue
-                ratio = statistics.median(r for r, _ in runs)
-                wall = statistics.median(x[0] for _, x in runs)
-                worst = max((x for _, x in runs), key=lambda x: (x[3], abs(x[1] - x[2])))
+                ratio = statistics.median(r for r, _, _ in runs)
+                wall = statistics.median(x[0] for _, _, x in runs)
+                worst = max((x for _, _, x in runs), key=lambda x: (x[3], abs(x[1] - x[2])))
                 entry: dict[str, Any] = {
                     "slowdown": round(ratio, 3),
                     "captured": worst[1],
                     "expected": worst[2],
-                    "drops": int(sum(x[3] for _, x in runs)),
-                    "sensor_cpu_s": round(statistics.median(x[4] for _, x in runs), 4),
+                    "drops": int(sum(x[3] for _, _, x in runs)),
+                    "sensor_cpu_s": round(statistics.median(x[4] for _, _, x in runs), 4),
                     "wall_s": round(wall, 4),
                     "runs": len(runs),
                 }
+                c_ratios = [c for _, c, _ in runs if c is not None]
+                if c_ratios:
+                    entry["cpu_slowdown"] = round(statistics.median(c_ratios), 3)
                 if wname == "syscalls" and worst[2]:
                     plain = wall / ratio
                     entry["added_ns_per_call"] = round((wall - plain) / worst[2] * 1e9, 1)
@@ -283,6 +327,7 @@ def bench_capture(
             "io_blocks": io_blocks,
             "repeats": repeats,
             "slowdown": "median over runs of wall(sensor) / wall(adjacent run without sensor)",
+            "cpu_slowdown": "the same with the workload's CPU time (wait4 rusage)",
         }
     return out
 

@@ -64,6 +64,8 @@ PROGRAMS: Final = (
     "bam_fork",
     "bam_pexit",
     "bam_pfault",
+    "bam_net_send",
+    "bam_net_recv",
 )
 
 _STAGE_HDR: Final = [
@@ -81,10 +83,16 @@ _STAGE_HDR: Final = [
             "faults",
             "faults_write",
             "faults_exec",
+            "faults_unbinned",
             "pending_lost",
             "lost_ts",
+            "clk_ts",
+            "clk_csw",
+            "clk_j",
         )
     ),
+    ("clk_tid", "<u4"),
+    ("clk_run", "<u4"),
 ]
 STAGE: Final = np.dtype([*_STAGE_HDR, ("ev", RAW_EVENT, (STAGE_N,))])
 """``struct stage`` of the BPF program (per-CPU header and counters, then staged events)."""
@@ -99,7 +107,15 @@ DETAIL: Final = np.dtype(
         ("data", "u1", (256,)),
     ]
 )
-_CONFIG = struct.Struct("<IIQIIQ")
+_CONFIG = struct.Struct("<IIQIIQII")
+FAULT_SHIFT: Final = 21
+"""Page-fault histogram regions: 2 MiB of address space each."""
+FAULT_REGIONS: Final = 16384
+"""(process, region) slots of the in-kernel histogram; faults beyond are counted unbinned."""
+_FAULT_KEY = struct.Struct("<IIQ")
+_FAULT_VAL = struct.Struct("<QQQ")
+CLK_RUN: Final = 16
+"""Events of one thread's uninterrupted run per precise timestamp (see the BPF source)."""
 
 
 def pid_max() -> int:
@@ -131,6 +147,8 @@ class _Loaded:
         ring_bytes: int,
         flush_age_ns: int,
         aggregate: bool,
+        precise_ts: bool = False,
+        fault_regions: int = 1,
     ) -> None:
         libbpf.check_privilege()
         libbpf.check_btf()
@@ -147,7 +165,16 @@ class _Loaded:
                 cg_id, cg_level = target.cgroup_id_level()
             self.filter = filt
             self.obj.set_rodata(
-                _CONFIG.pack(filt, os.getpid(), cg_id, cg_level, int(want_args), flush_age_ns)
+                _CONFIG.pack(
+                    filt,
+                    os.getpid(),
+                    cg_id,
+                    cg_level,
+                    int(want_args),
+                    flush_age_ns,
+                    int(precise_ts),
+                    CLK_RUN,
+                )
             )
             pm = pid_max()
             self.obj.set_max_entries("watched", pm // 64 + 1)
@@ -155,6 +182,7 @@ class _Loaded:
             self.obj.set_max_entries("events", ring_bytes)
             self.obj.set_max_entries("prev_nr", pm + 1 if aggregate else 1)
             self.obj.set_max_entries("pairs", NSLOT * NSLOT if aggregate else 1)
+            self.obj.set_max_entries("fault_hist", fault_regions)
             if aggregate:
                 self.obj.add_map_flags("pairs", BPF_F_MMAPABLE)
             for p in PROGRAMS:
@@ -204,6 +232,9 @@ class EbpfSyscallSensor:
     security-relevant calls (exec paths, connect/bind addresses, executable mappings).
     ``returns``: also attach ``sys_exit`` for return values (costs a second tracepoint on every
     host syscall). ``page_faults``: count the workload's user page faults (total, write, exec).
+    ``precise_ts``: read the clock for every event (default: once per ``CLK_RUN`` events of a
+    thread running uninterrupted on one CPU, the others stamped +1 ns: a lower bound within a
+    jiffy and ``CLK_RUN`` calls of the true time; each thread's order stays exact).
     """
 
     name = "ebpf"
@@ -218,6 +249,7 @@ class EbpfSyscallSensor:
         ring_bytes: int = 64 << 20,
         flush_age_ms: float = 50.0,
         trim_tid: int | None = None,
+        precise_ts: bool = False,
     ) -> None:
         if ring_bytes & (ring_bytes - 1) or ring_bytes < mmap.PAGESIZE:
             raise ValueError("ring_bytes must be a power of two, at least one page")
@@ -228,6 +260,9 @@ class EbpfSyscallSensor:
         self.ring_bytes = ring_bytes
         self.flush_age_ns = int(flush_age_ms * 1e6)
         self.trim_tid = trim_tid
+        self.precise_ts = precise_ts
+        self.faults_unsupported: str | None = None
+        """Why page faults could not be watched (``page_faults=True`` only), else None."""
         self._bpf: _Loaded | None = None
         self._ring: RingBuffer | None = None
         self._details: RingBuffer | None = None
@@ -256,17 +291,19 @@ class EbpfSyscallSensor:
         progs = ["bam_sys_enter", "bam_fork", "bam_pexit"]
         if self.returns:
             progs.append("bam_sys_exit")
-        if self.page_faults:
-            progs.append("bam_pfault")
         self._cpu0, self._t0, self._offset = _cpu_self(), time.monotonic(), _clock_offset()
-        bpf = _Loaded(
-            self.target,
-            progs=tuple(progs),
-            want_args=self.args,
-            ring_bytes=self.ring_bytes,
-            flush_age_ns=self.flush_age_ns,
-            aggregate=False,
-        )
+        self.faults_unsupported = None
+        faults = self.page_faults
+        if faults:
+            try:
+                bpf = self._load((*progs, "bam_pfault"), FAULT_REGIONS)
+            except SensorError as e:  # e.g. no exceptions:page_fault_user on this kernel
+                self.faults_unsupported = (
+                    "page-fault tracepoint unavailable: " + str(e).splitlines()[0]
+                )
+                faults = False
+        if not faults:
+            bpf = self._load(tuple(progs), 1)
         self._bpf = bpf
         try:
             self._ring = RingBuffer(bpf.obj.map_fd("events"), bpf.obj.max_entries("events"))
@@ -275,14 +312,29 @@ class EbpfSyscallSensor:
             bpf.obj.attach("bam_fork")
             bpf.obj.attach("bam_pexit")
             bpf.seed()  # children forked between the first scan and the fork hook
-            if self.page_faults:
-                bpf.obj.attach("bam_pfault")
+            if faults:
+                try:
+                    bpf.obj.attach("bam_pfault")
+                except SensorError as e:
+                    self.faults_unsupported = f"page-fault tracepoint unavailable: {e}"
             if self.returns:
                 bpf.obj.attach("bam_sys_exit")
             bpf.obj.attach("bam_sys_enter")
         except BaseException:
             self._teardown()
             raise
+
+    def _load(self, progs: tuple[str, ...], fault_regions: int) -> _Loaded:
+        return _Loaded(
+            self.target,
+            progs=progs,
+            want_args=self.args,
+            ring_bytes=self.ring_bytes,
+            flush_age_ns=self.flush_age_ns,
+            aggregate=False,
+            precise_ts=self.precise_ts,
+            fault_regions=fault_regions,
+        )
 
     def poll(self) -> int:
         """Move complete chunks from the kernel ring to memory; returns bytes moved."""
@@ -327,6 +379,11 @@ class EbpfSyscallSensor:
             bpf.obj.detach_all()  # first: the host stops paying, and nothing new arrives
             self.poll()
             stages = bpf.stage_values()
+            regions = (
+                bpf.obj.items("fault_hist", _FAULT_KEY.size, _FAULT_VAL.size)
+                if self.page_faults and self.faults_unsupported is None
+                else []
+            )
         finally:
             wall = time.monotonic() - self._t0
             self._teardown()
@@ -352,11 +409,16 @@ class EbpfSyscallSensor:
             "target": self.target.label,
             "trimmed": norm.trimmed,
         }
-        if self.page_faults:
+        if self.page_faults and self.faults_unsupported is not None:
+            extra["page_faults"] = {"unsupported": self.faults_unsupported}
+        elif self.page_faults:
             extra["page_faults"] = {
                 "total": int(stages["faults"].sum()),
                 "write": int(stages["faults_write"].sum()),
                 "exec": int(stages["faults_exec"].sum()),
+                "unbinned": int(stages["faults_unbinned"].sum()),
+                "region_bytes": 1 << FAULT_SHIFT,
+                "regions": fault_regions(regions),
             }
         # 'seen' counts entries and exits; report entries (what becomes events)
         seen = int(stages["seen"].sum())
@@ -410,6 +472,20 @@ def _details_to_args(
                 break
             p += 1
         out.setdefault(name_of(cid), []).append((idx, text))
+    return out
+
+
+def fault_regions(items: list[tuple[bytes, bytes]]) -> list[dict[str, int]]:
+    """The in-kernel page-fault histogram as ``[{pid, start, faults, write, exec}]`` (one
+    entry per process and 2 MiB region that faulted), by pid then address."""
+    out = []
+    for k, v in items:
+        tgid, _, region = _FAULT_KEY.unpack(k)
+        n, w, x = _FAULT_VAL.unpack(v)
+        out.append(
+            {"pid": tgid, "start": region << FAULT_SHIFT, "faults": n, "write": w, "exec": x}
+        )
+    out.sort(key=lambda r: (r["pid"], r["start"]))
     return out
 
 

@@ -90,6 +90,7 @@ def lib() -> ctypes.CDLL:
         "bpf_link__destroy": (ctypes.c_int, [_vp]),
         "bpf_map_lookup_elem": (ctypes.c_int, [ctypes.c_int, _vp, _vp]),
         "bpf_map_update_elem": (ctypes.c_int, [ctypes.c_int, _vp, _vp, ctypes.c_uint64]),
+        "bpf_map_get_next_key": (ctypes.c_int, [ctypes.c_int, _vp, _vp]),
         "libbpf_num_possible_cpus": (ctypes.c_int, []),
         "libbpf_set_print": (_vp, [_PRINT_FN]),
     }
@@ -233,6 +234,21 @@ class BpfObject:
         buf = ctypes.create_string_buffer(value, len(value))
         if self._l.bpf_map_update_elem(self.map_fd(name), ctypes.byref(k), buf, 0) != 0:
             raise SensorError(f"update of BPF map {name!r} failed: {_errno_text()}")
+
+    def items(self, name: str, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map, raw bytes (one lookup per key: small maps only)."""
+        fd = self.map_fd(name)
+        out: list[tuple[bytes, bytes]] = []
+        key = ctypes.create_string_buffer(key_size)
+        nxt = ctypes.create_string_buffer(key_size)
+        val = ctypes.create_string_buffer(value_size)
+        prev: Any = None  # NULL: the first key
+        while self._l.bpf_map_get_next_key(fd, prev, nxt) == 0:
+            ctypes.memmove(key, nxt, key_size)
+            prev = key
+            if self._l.bpf_map_lookup_elem(fd, key, val) == 0:  # may vanish meanwhile
+                out.append((key.raw, val.raw))
+        return out
 
     def close(self) -> None:
         """Detach and unload: no program, link or map outlives this call."""

@@ -9,9 +9,11 @@ where present. perf software counters (page faults, context switches, migrations
 :mod:`bam.sensors.perf`; hardware counters are reported as unsupported where the host has none.
 
 Network bytes per process tree are not in procfs (``/proc/PID/net/dev`` is the whole network
-namespace): ``net_ns_*`` are namespace totals, meaningful when the workload has its own netns;
-``wchar``/``rchar`` include socket traffic; the eBPF sensor's syscall byte counts give exact
-per-call figures.
+namespace): ``net_tx_bytes``/``net_rx_bytes`` (IPv4 + IPv6, loopback included) and
+``unix_tx_bytes``/``unix_rx_bytes`` come from :class:`~bam.sensors.netbytes.NetCounter`, two
+BPF programs on the socket layer's send/receive tracepoints filtered to the workload in the
+kernel (exact payload bytes, per process tree or cgroup). Where eBPF cannot run they are
+``None`` and ``unsupported["net_bytes"]`` says why. ``net_ns_*`` are namespace totals.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bam.sensors.errors import SensorError
 from bam.sensors.memory import Mapping, MapsWatcher
+from bam.sensors.netbytes import NetCounter
 from bam.sensors.perf import PerfCounters
 from bam.sensors.sockets import listening_ports
 from bam.sensors.workload import Target, cgroup_mounts
@@ -34,7 +38,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass
 class ResourceSample:
-    """One look at the workload. Byte and count fields are totals since the process started."""
+    """One look at the workload. Byte and count fields are totals since the process started
+    (``net_*``/``unix_*``: since the sampler started)."""
 
     ts: float
     processes: int
@@ -52,6 +57,11 @@ class ResourceSample:
     wchar: int
     net_ns_rx_bytes: int
     net_ns_tx_bytes: int
+    net_tx_bytes: int | None = None
+    """Bytes the workload sent through IPv4/IPv6 sockets (payload; None: not measurable here)."""
+    net_rx_bytes: int | None = None
+    unix_tx_bytes: int | None = None
+    unix_rx_bytes: int | None = None
     listening_ports: list[int] = field(default_factory=list)
     new_processes: list[int] = field(default_factory=list)
     new_exec_mappings: list[dict[str, Any]] = field(default_factory=list)
@@ -81,13 +91,16 @@ def _int(s: str | None) -> int:
 class ResourceSampler:
     """Samples a :class:`Target`; call :meth:`sample` at the rate you want, :meth:`close` after."""
 
-    def __init__(self, target: Target, *, perf: bool = True, listening: bool = True) -> None:
+    def __init__(
+        self, target: Target, *, perf: bool = True, listening: bool = True, net: bool = True
+    ) -> None:
         self.target = target
         self.listening = listening
         self._known: set[int] = set()
         self._maps = MapsWatcher()
         self.perf: list[PerfCounters] = []
         self.unsupported: dict[str, str] = {}
+        self.net: NetCounter | None = None
         if perf:
             for pid in target.pids or sorted(target.current_pids()):
                 pc = PerfCounters(pid)
@@ -95,11 +108,21 @@ class ResourceSampler:
                 self.unsupported.update(pc.unsupported)
         self._maps.check(target.current_pids())
         self._known = target.current_pids()
+        if net:  # last: nothing after it can fail and leave the programs attached
+            nc = NetCounter(target)
+            try:
+                nc.start()
+                self.net = nc
+            except SensorError as e:  # includes SensorUnavailableError
+                self.unsupported["net_bytes"] = str(e).splitlines()[0]
 
     def close(self) -> None:
         for pc in self.perf:
             pc.close()
         self.perf = []
+        if self.net is not None:
+            self.net.close()
+            self.net = None
 
     def __enter__(self) -> ResourceSampler:
         return self
@@ -137,6 +160,10 @@ class ResourceSampler:
         if pids:
             rx, tx = _netdev(min(pids))
             s.net_ns_rx_bytes, s.net_ns_tx_bytes = rx, tx
+        if self.net is not None:
+            nb = self.net.read()
+            s.net_tx_bytes, s.net_rx_bytes = nb.tx("inet"), nb.rx("inet")
+            s.unix_tx_bytes, s.unix_rx_bytes = nb.tx("unix"), nb.rx("unix")
         s.new_processes = sorted(pids - self._known)
         self._known = pids
         s.new_exec_mappings = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -227,6 +228,8 @@ class GatedCommand:
         self._w: int | None = w
         self.pid = pid
         self.returncode: int | None = None
+        self.cpu_s: float | None = None
+        """User + system CPU of the command and the children it waited for (once it ended)."""
 
     def target(self) -> Target:
         return Target("pids", pids=(self.pid,), label=" ".join(self.argv), start_times=(None,))
@@ -243,16 +246,29 @@ class GatedCommand:
     def poll(self) -> int | None:
         """Exit status if the command has ended (negative: killed by that signal)."""
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            pid, status, ru = os.wait4(self.pid, os.WNOHANG)
             if pid == self.pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+                self._reaped(status, ru)
         return self.returncode
 
     def wait(self) -> int:
         if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
+            _, status, ru = os.wait4(self.pid, 0)
+            return self._reaped(status, ru)
         return self.returncode
+
+    def _reaped(self, status: int, ru: resource.struct_rusage) -> int:
+        code = os.waitstatus_to_exitcode(status)
+        self.returncode = code
+        self.cpu_s = ru.ru_utime + ru.ru_stime
+        return code
+
+    def wait_fd(self) -> int:
+        """A pidfd that becomes readable when the command exits (for ``select``), or -1."""
+        try:
+            return os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            return -1
 
     def kill(self) -> None:
         """Stop the command (used when the sensor fails to start)."""
