@@ -63,6 +63,7 @@ PROGRAMS: Final = (
     "bam_agg_enter",
     "bam_fork",
     "bam_pexit",
+    "bam_switch",
     "bam_pfault",
     "bam_net_send",
     "bam_net_recv",
@@ -288,7 +289,7 @@ class EbpfSyscallSensor:
         """Load, seed and attach (see the module docstring for the order and why)."""
         if self._bpf is not None:
             raise SensorError("sensor already started")
-        progs = ["bam_sys_enter", "bam_fork", "bam_pexit"]
+        progs = ["bam_sys_enter", "bam_fork", "bam_pexit", "bam_switch"]
         if self.returns:
             progs.append("bam_sys_exit")
         self._cpu0, self._t0, self._offset = _cpu_self(), time.monotonic(), _clock_offset()
@@ -317,6 +318,7 @@ class EbpfSyscallSensor:
                     bpf.obj.attach("bam_pfault")
                 except SensorError as e:
                     self.faults_unsupported = f"page-fault tracepoint unavailable: {e}"
+            bpf.obj.attach("bam_switch")  # before the syscall hooks: nothing staged yet
             if self.returns:
                 bpf.obj.attach("bam_sys_exit")
             bpf.obj.attach("bam_sys_enter")

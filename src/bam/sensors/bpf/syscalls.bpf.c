@@ -376,6 +376,34 @@ int BPF_PROG(bam_sys_exit, struct pt_regs *regs, long ret)
 	return 0;
 }
 
+/* Per-thread order in the ring: when a watched thread leaves this CPU, what it staged here is
+ * flushed before it can run, and stage newer events, on another CPU. Without this, a migrated
+ * thread's older events could wait in this CPU's stage for the next watched event here and
+ * reach user space after newer ones (measured live: a few calls in 10^4, up to 150 ms late),
+ * which scrambles the thread's sequence. A blocking thread's calls also become visible at
+ * once instead of after flush_age_ns. The tracepoint runs in prev's context, so selected()
+ * (pid bitmap or current cgroup) applies to prev. */
+SEC("tp_btf/sched_switch")
+int BPF_PROG(bam_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	if (!selected(prev->tgid))
+		return 0;
+	__u32 zero = 0;
+	struct stage *s = bpf_map_lookup_elem(&stage, &zero);
+	if (!s || s->busy || s->n == 0)
+		return 0;
+	s->busy = 1;
+	barrier();
+	__u32 n = s->n;
+	if (n > STAGE_N)
+		n = STAGE_N;
+	flush(s, n);
+	s->n = 0;
+	barrier();
+	s->busy = 0;
+	return 0;
+}
+
 SEC("tp_btf/sys_enter")
 int BPF_PROG(bam_agg_enter, struct pt_regs *regs, long id)
 {
