@@ -195,7 +195,7 @@ def test_lean_input_gives_the_same_decisions_as_regopy_input() -> None:
 def test_decisions_of_pure_policies_are_cached_and_impure_ones_are_not() -> None:
     from bam.server import policy as p
 
-    p._DECISIONS.clear()
+    p.DECISIONS.clear()
     doc = _input()
     first = evaluate(DEFAULT, doc)
     assert evaluate(DEFAULT, copy.deepcopy(doc)) is first  # same input: from the cache
@@ -203,6 +203,6 @@ def test_decisions_of_pure_policies_are_cached_and_impure_ones_are_not() -> None
     newer = PolicyVersion("bam-default", 2, default_source() + "\n# v2\n")
     assert evaluate(newer, doc) is not first  # the policy version is part of the key
     impure = PolicyVersion("clock", 1, default_source() + "\nnow_ns := time.now_ns()\n")
-    before = len(p._DECISIONS)
+    before = len(p.DECISIONS)
     evaluate(impure, doc)
-    assert len(p._DECISIONS) == before  # a policy reading the clock is never cached
+    assert len(p.DECISIONS) == before  # a policy reading the clock is never cached

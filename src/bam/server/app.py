@@ -263,5 +263,8 @@ def create_app(settings: ServerSettings | None = None, service: Service | None =
         """Liveness for load balancers: the one unauthenticated route; reveals nothing."""
         return {"ok": True}
 
+    # Inside EdgeMiddleware (added last = outermost): the size limit, headers and latency
+    # metric apply to the lean evidence path too.
+    app.add_middleware(evidence.EvidenceEndpoint)
     app.add_middleware(EdgeMiddleware, max_body=settings.max_body_bytes)
     return app

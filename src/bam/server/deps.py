@@ -33,6 +33,19 @@ class Guards:
         self.failures = TokenBuckets(failures_per_minute, burst=failures_per_minute)
         self.cache: dict[str, tuple[float, Operator]] = {}
 
+    def check_failures(self, address: str) -> None:
+        """429 for an address that failed authentication too often recently."""
+        if self.failures.empty(address):
+            raise ServerError(
+                429,
+                "too_many_failures",
+                "too many failed authentications from this address; wait a minute",
+                headers={"Retry-After": "60"},
+            )
+
+    def record_failure(self, address: str) -> None:
+        self.failures.take(address)
+
 
 def _service(request: Request) -> Service:
     svc: Service = request.app.state.service
@@ -55,17 +68,11 @@ def client_address(request: Request) -> str:
 
 def check_failures(request: Request) -> None:
     """429 for an address that failed authentication too often recently."""
-    if _guards(request).failures.empty(client_address(request)):
-        raise ServerError(
-            429,
-            "too_many_failures",
-            "too many failed authentications from this address; wait a minute",
-            headers={"Retry-After": "60"},
-        )
+    _guards(request).check_failures(client_address(request))
 
 
 def record_failure(request: Request) -> None:
-    _guards(request).failures.take(client_address(request))
+    _guards(request).record_failure(client_address(request))
 
 
 async def agent(request: Request) -> RowMapping:

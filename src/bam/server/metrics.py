@@ -44,6 +44,21 @@ DECISIONS = Counter(
     "bam_policy_decisions_total", "Appraisal results by status and action", ["status", "action"]
 )
 STALE = Counter("bam_workloads_stale_total", "Workloads marked stale")
+SQLITE_COMMITS = Counter(
+    "bam_sqlite_group_commits_total", "SQLite group commits (one transaction, many evidence)"
+)
+SQLITE_COMMIT_UNITS = Counter(
+    "bam_sqlite_group_commit_units_total", "Evidence writes carried by SQLite group commits"
+)
+POLICY_CACHE = Counter(
+    "bam_policy_cache_total", "Policy decisions answered from the cache or not", ["result"]
+)
+
+
+def observe_group_commit(units: int) -> None:
+    """Count one SQLite group commit of ``units`` evidence writes."""
+    SQLITE_COMMITS.inc()
+    SQLITE_COMMIT_UNITS.inc(units)
 
 
 def render() -> tuple[bytes, str]:

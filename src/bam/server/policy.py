@@ -1,8 +1,23 @@
 """Rego appraisal policies, evaluated in-process with ``regopy`` (rego-cpp).
 
 A policy is a Rego module whose ``data.bam.policy.decision`` is an object (see
-:class:`Decision` and ``default.rego``). It is compiled into a bundle once per thread and
-policy version (rego-cpp interpreters are not thread-safe) and queried per appraisal.
+:class:`Decision` and ``default.rego``). It is compiled into a bundle once per process and
+policy version and queried per appraisal.
+
+**One thread.** rego-cpp (through ``regopy``'s ctypes calls, which release the GIL) keeps
+thread-local state (trieste's well-formedness and pass contexts) and is not documented as
+thread-safe; interpreters used from several threads, or freed by a dying thread while another
+evaluates, are what can crash the whole process. So every rego-cpp call — compile, evaluate,
+free — runs on one dedicated thread per process (:data:`_REGO`), and the compiled bundles live
+and die there. Callers on other threads wait for the answer; with the decision cache below
+most appraisals never get that far.
+
+**What the policy sees.** :func:`input_paths` reads the policy source for every
+``input.a.b…`` reference and the policy is given only those parts of the input document (a
+bare ``input``, a dynamic ``input[x]`` or ``object.get(input, …)`` gives it the whole
+document). A policy cannot observe anything it does not reference, so its decision is the
+same; the input is smaller to build, and the decision cache key covers exactly what the
+decision depends on — for the shipped policy, discrete findings only, not the raw scores.
 
 Validation (:func:`validate`) compiles the module *and* evaluates it on sample inputs: rego-cpp
 reports some errors (recursion, conflicting values) only at evaluation, and a policy that
@@ -17,17 +32,22 @@ import hashlib
 import json
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bam.server import metrics
 from bam.server.errors import PolicyError
 
 ENTRYPOINT = "bam/policy/decision"
 DEFAULT_NAME = "bam-default"
 MAX_POLICY_BYTES = 256 * 1024
+_T = TypeVar("_T")
 
 Status = Literal["affirming", "warning", "contraindicated", "none"]
 ActionName = Literal["allow", "monitor", "investigate", "isolate", "terminate"]
@@ -138,7 +158,7 @@ class PolicyVersion:
 
 
 class _Compiled:
-    """An interpreter holding one compiled bundle (used by one thread only)."""
+    """An interpreter holding one compiled bundle (only ever touched on the rego thread)."""
 
     def __init__(self, source: str, filename: str) -> None:
         regopy = _rego()
@@ -151,6 +171,11 @@ class _Compiled:
             self.bundle = self.interp.build(None, [ENTRYPOINT])
         except regopy.RegoError as e:
             raise PolicyError("policy_invalid", format_rego_error(str(e), source)) from None
+
+    def close(self) -> None:
+        """Free the bundle, then the interpreter it was built by (in that order)."""
+        del self.bundle
+        del self.interp
 
     def evaluate(self, document: dict[str, Any], source: str) -> Decision:
         regopy = _rego()
@@ -246,37 +271,165 @@ class _Input:
         if res != self._rs.Code.OK:
             raise self._rs.RegoError("Unable to create input", res)
 
-    def __del__(self) -> None:
+    def free(self) -> None:
         if hasattr(self, "_impl"):
             self._rs.rego_free_input(self._impl)
+            del self._impl
+
+    def __del__(self) -> None:
+        self.free()
 
 
 def _set_input(interp: Any, document: dict[str, Any]) -> None:
     from regopy.rego_shared import rego_set_input
 
-    value = _Input(document)  # a name keeps it alive (freed on collection) during the call
-    rego_set_input(interp._impl, value._impl)
+    value = _Input(document)
+    try:
+        rego_set_input(interp._impl, value._impl)  # the interpreter keeps its own reference
+    finally:
+        value.free()  # freed here, on this thread, not whenever the collector runs
 
 
-_local = threading.local()
+# ---- the rego thread -----------------------------------------------------------------------
+
+_REGO = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bam-rego")
+_COMPILED: dict[str, _Compiled] = {}  # by policy sha256; read and written on the rego thread only
+
+
+def _on_rego_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn`` on the rego thread (inline if already there) and return its result."""
+    if threading.current_thread().name.startswith("bam-rego"):
+        return fn(*args)
+    return _REGO.submit(fn, *args).result()
+
+
+def _evaluate_here(policy: PolicyVersion, document: dict[str, Any]) -> Decision:
+    hit = _COMPILED.get(policy.sha256)
+    if hit is None:
+        while len(_COMPILED) >= 4:  # a few versions in flight at most; free the oldest
+            _COMPILED.pop(next(iter(_COMPILED))).close()
+        hit = _COMPILED[policy.sha256] = _Compiled(policy.source, f"{policy.name}.rego")
+    return hit.evaluate(document, policy.source)
+
+
+def _validate_here(source: str, name: str) -> list[Decision]:
+    compiled = _Compiled(source, f"{name}.rego")
+    try:
+        return [compiled.evaluate(doc, source) for doc in sample_inputs()]
+    finally:
+        compiled.close()
+
+
+# ---- what the policy reads ------------------------------------------------------------------
+
+_INPUT_REF = re.compile(r"\binput\b")
+_LEXEME = re.compile(r'"(?:[^"\\\n]|\\.)*"|`[^`]*`|#[^\n]*')
+_FIELD = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[\s*\"([^\"\\]*)\"\s*\]")
+Path = tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=16)
+def input_paths(source: str) -> frozenset[Path] | None:
+    """The input paths ``source`` references (``None``: it may read the whole input).
+
+    Every occurrence of the word ``input`` outside comments counts — in rules, imports and
+    strings alike (reading too much is harmless; too little is not) — with the static path
+    that follows it (``.name`` or ``["name"]`` steps). Anything else after a step (an index,
+    a variable, a call) ends the path there, so the policy gets that whole subtree.
+    """
+    paths: set[Path] = set()
+    code = _without_comments(source)
+    for m in _INPUT_REF.finditer(code):
+        pos, path = m.end(), []
+        while step := _FIELD.match(code, pos):
+            path.append(step.group(1) or step.group(2))
+            pos = step.end()
+        if not path:
+            return None
+        paths.add(tuple(path))
+    # A path below another one adds nothing: keep the shortest prefixes.
+    return frozenset(p for p in paths if not any(p[: len(q)] == q for q in paths if q != p))
+
+
+def _without_comments(source: str) -> str:
+    """``source`` with its ``#`` comments blanked (a ``#`` inside a string is not one).
+
+    A policy with template strings (``$"…{expr}…"``, whose expressions may hold quotes) is
+    left as it is: its comments then count too, which can only widen what it is given.
+    """
+    if '$"' in source:
+        return source
+    return _LEXEME.sub(lambda m: m.group(0) if m.group(0)[0] in '"`' else "", source)
+
+
+def project(document: dict[str, Any], paths: frozenset[Path] | None) -> dict[str, Any]:
+    """The parts of ``document`` a policy reading ``paths`` can observe (see module doc)."""
+    if paths is None:
+        return document
+    out: dict[str, Any] = {}
+    for path in paths:
+        src: Any = document
+        dst = out
+        for i, key in enumerate(path):
+            if key not in src:
+                break
+            value = src[key]
+            if i == len(path) - 1 or type(value) is not dict:
+                dst[key] = value  # the leaf, or a non-object the path cannot go through
+                break
+            dst = dst.setdefault(key, {})
+            src = value
+    return out
+
+
+# ---- evaluation and its cache ---------------------------------------------------------------
 
 # Decisions are a pure function of (policy, input) unless the policy calls a builtin whose
 # answer changes between calls; such policies are never cached.
 _IMPURE = re.compile(r"\b(time\.now_ns|http\.send|rand\.|uuid\.|opa\.runtime|crypto\.x509|net\.)")
-_DECISIONS: dict[str, Decision] = {}
-_DECISIONS_MAX = 4096
 
 
-def _compiled(policy: PolicyVersion) -> _Compiled:
-    cache: dict[str, _Compiled] | None = getattr(_local, "cache", None)
-    if cache is None:
-        cache = _local.cache = {}
-    hit = cache.get(policy.sha256)
-    if hit is None:
-        if len(cache) >= 4:
-            cache.clear()
-        hit = cache[policy.sha256] = _Compiled(policy.source, f"{policy.name}.rego")
-    return hit
+class DecisionCache:
+    """A bounded LRU of decisions keyed by (policy sha256, sha256 of the canonical input)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[str, Decision] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(policy: PolicyVersion, document: dict[str, Any]) -> str:
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(f"{policy.sha256}\n{canonical}".encode()).hexdigest()
+
+    def get(self, key: str) -> Decision | None:
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+                self._entries.move_to_end(key)
+            return hit
+
+    def put(self, key: str, decision: Decision) -> None:
+        with self._lock:
+            self._entries[key] = decision
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+DECISIONS = DecisionCache(4096)
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,23 +440,21 @@ def _cacheable(source: str) -> bool:
 def evaluate(policy: PolicyVersion, document: dict[str, Any]) -> Decision:
     """Evaluate ``policy`` on the input ``document``; :class:`PolicyError` if it fails.
 
-    Decisions of pure policies are cached, keyed by the policy's sha256 and a digest of the
-    canonical input document (a repeated input — the steady state of a quiet workload — skips
-    the interpreter). Failures are not cached.
+    The policy gets the parts of ``document`` it references (:func:`project`). Decisions of
+    pure policies are cached on exactly that projection (a repeated finding — the steady state
+    of a quiet workload — skips the interpreter). Failures are not cached.
     """
+    seen = project(document, input_paths(policy.source))
     if not _cacheable(policy.source):
-        return _compiled(policy).evaluate(document, policy.source)
-    key = hashlib.sha256(
-        policy.sha256.encode()
-        + json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
-    hit = _DECISIONS.get(key)
+        return _on_rego_thread(_evaluate_here, policy, seen)
+    key = DECISIONS.key(policy, seen)
+    hit = DECISIONS.get(key)
     if hit is not None:
+        metrics.POLICY_CACHE.labels("hit").inc()
         return hit
-    decision = _compiled(policy).evaluate(document, policy.source)
-    if len(_DECISIONS) >= _DECISIONS_MAX:
-        _DECISIONS.clear()
-    _DECISIONS[key] = decision
+    metrics.POLICY_CACHE.labels("miss").inc()
+    decision = _on_rego_thread(_evaluate_here, policy, seen)
+    DECISIONS.put(key, decision)
     return decision
 
 
@@ -368,5 +519,4 @@ def validate(source: str, name: str = "policy") -> list[Decision]:
         raise PolicyError("policy_invalid", f"policy larger than {MAX_POLICY_BYTES} bytes")
     if not source.strip():
         raise PolicyError("policy_invalid", "policy is empty")
-    compiled = _Compiled(source, f"{name}.rego")
-    return [compiled.evaluate(doc, source) for doc in sample_inputs()]
+    return _on_rego_thread(_validate_here, source, name)
