@@ -6,6 +6,7 @@ Needs root and a BTF kernel (fails, not skips, under BAM_REQUIRE_ALL=1). Speed i
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -288,3 +289,48 @@ def test_pid_reuse_is_detected() -> None:
         assert not t.alive()
     fake = Target("pids", pids=(os.getpid(),), label="x", start_times=(12345678,))
     assert not fake.alive()  # same pid, different start time: another process
+
+
+_MIGRATE = r"""
+import os, sys
+cpus, rounds = sorted(os.sched_getaffinity(0)), int(sys.argv[1])
+for r in range(rounds):
+    os.sched_setaffinity(0, {cpus[r % len(cpus)]})  # a forced migration every round
+    for _ in range(50):
+        os.getppid(); os.getuid()  # the pattern every round must keep
+"""
+
+
+def test_live_stream_keeps_each_threads_order_across_cpus() -> None:
+    """Polled live (as the agent does), a thread that migrates between CPUs must come out in
+    order: its events staged on the CPU it left are flushed when it leaves (sched_switch),
+    not when that CPU next sees a watched event."""
+    from bam.sensors.capture import normalise
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to migrate between")  # a 1-CPU box cannot reorder
+    rounds = 400
+    cmd = GatedCommand([sys.executable, "-c", _MIGRATE, str(rounds)], stdout=subprocess.DEVNULL)
+    sensor = EbpfSyscallSensor(cmd.target(), trim_tid=cmd.pid, flush_age_ms=50.0)
+    sensor.start()
+    cmd.release()
+    chunks = []
+    quiet_since = None
+    while quiet_since is None or time.monotonic() - quiet_since < 0.2:
+        raw = sensor.take_raw()
+        if len(raw):
+            chunks.append(normalise(raw, clock_offset=sensor._offset, returns=False).batch)
+        elif cmd.poll() is not None and quiet_since is None:
+            quiet_since = time.monotonic()  # exited: its last switch-out flushed the rest
+        time.sleep(0.005)
+    cap = sensor.close()
+    assert cap.drops == 0
+    ts = np.concatenate([c.ts for c in chunks])
+    sid = np.concatenate([c.sid for c in chunks])
+    tid = np.concatenate([c.tid for c in chunks])
+    main = tid == cmd.pid
+    assert np.all(np.diff(ts[main]) >= 0), "a thread's events arrived out of order"
+    calls = [name_of(int(s)) for s in sid[main]]
+    pairs = sum(1 for a, b in itertools.pairwise(calls) if (a, b) == ("getppid", "getuid"))
+    assert pairs == rounds * 50
+    assert bam_programs() == []
