@@ -172,14 +172,33 @@ def test_qmp_actions(vm: object, tmp_path: Path) -> None:
 
         down = actions.set_link(q, up=False)
         assert down.applied
-        # QEMU 7.2 shows no link state: then the record says so instead of claiming success
-        assert down.details["read_back"]["nic0"] in (False, None)
-        assert down.verified or down.reasons
-        assert actions.set_link(q, "nic0", up=True).applied
+        # read back from the NIC itself (virtio-net config status; QEMU 7.2's `info network`
+        # shows no link state)
+        assert down.details["read_back"]["nic0"] is False
+        assert down.verified
+        up = actions.set_link(q, "nic0", up=True)
+        assert up.ok
+        assert up.details["read_back"]["nic0"] is True
 
         bad = actions.set_link(q, "no-such-nic", up=False)
         assert not bad.applied
         assert bad.reasons
+
+        # the agent's executor: isolate = pause + link down, read back through the VM's second
+        # monitor while this session holds the first (QEMU serves one client per socket)
+        act = actions.VmActuator("test", q, snapshot_dir=tmp_path)
+        iso = act.apply("isolate", ["test"])
+        assert iso.ok, iso
+        assert iso.details["link_read_back"] == {"nic0": False}
+        assert vm.info.qmp_ops is not None
+        with Qmp(vm.info.qmp_ops) as other:
+            assert other.status() == "paused"
+            assert actions.link_state(other) == {"nic0": False}
+        rel = act.release()
+        assert rel.ok, rel
+        assert q.status() == "running"
+        with pytest.raises(actions.ActionError, match="unknown action"):
+            act.apply("reboot")
 
         rec = actions.terminate(q)
     assert rec.ok

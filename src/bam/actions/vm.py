@@ -10,8 +10,11 @@ What each verdict maps to:
 * *terminate*: :func:`terminate` (QMP ``quit``: QEMU exits at once; nothing inside the guest runs again);
 * :func:`resume` (``cont``) undoes a pause.
 
+:class:`VmActuator` is the agent's executor for a VM target: *isolate* = pause + every link
+down (both read back), *release* undoes both.
+
 Every call returns a :class:`VmActionRecord`: whether the command was applied, whether its
-effect was *read back* (``query-status``, ``info network``, the QEMU process gone, an ELF
+effect was *read back* (``query-status``, the NIC's link bit, the QEMU process gone, an ELF
 header in the dump), how to undo it, and the monitor's message when refused (it never raises
 for a refused command; it raises :class:`~bam.sensors.errors.TargetGoneError` when there is
 no monitor at all), so the agent can report the action as evidence.
@@ -20,15 +23,23 @@ no monitor at all), so the agent can report the action as evidence.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import re
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
+from bam.actions.cgroup import ActionError
+from bam.sensors.errors import TargetGoneError
 from bam.sensors.vm.qmp import Qmp, QmpError
+
+log = logging.getLogger("bam.actions")
 
 QmpLike = Qmp | str | Path
 
@@ -162,10 +173,11 @@ def set_link(qmp: QmpLike, nic: str | None = None, *, up: bool) -> VmActionRecor
 
 
 def link_state(q: Qmp) -> dict[str, bool | None]:
-    """NIC id -> link up (None: unknown), from ``info network`` (QMP has no query for it).
+    """NIC id -> link up (None: unknown).
 
-    QEMU marks a downed link in that listing only in some versions (7.2 does not), so None
-    is common: the record then says the change was accepted but could not be read back.
+    ``info network`` marks a downed link only in some QEMU versions (7.2 does not); where it
+    says nothing, a virtio-net NIC's link is read from the device itself
+    (:func:`virtio_net_link`). None only when neither can tell.
     """
     text = str(q.execute("human-monitor-command", {"command-line": "info network"}))
     out: dict[str, bool | None] = {}
@@ -173,7 +185,57 @@ def link_state(q: Qmp) -> dict[str, bool | None]:
         m = re.match(r"[\s\\]*([\w.-]+): index=\d+,type=nic", line)
         if m:
             out[m.group(1)] = False if "link-down" in line or "link=off" in line else None
+    unknown = [n for n, v in out.items() if v is None]
+    if unknown:
+        macs: dict[str, str] = {}
+        with contextlib.suppress(QmpError):
+            macs = {
+                str(n["name"]): str(n.get("main-mac", "")) for n in q.execute("query-rx-filter")
+            }
+        for n in unknown:
+            with contextlib.suppress(QmpError):
+                out[n] = virtio_net_link(q, n, macs.get(n))
     return out
+
+
+VIRTIO_PCI_DEVICE_CFG: Final = 0x2000
+"""Where QEMU's modern virtio-pci places the device-specific config inside BAR 4."""
+
+
+def _pci_devices(devs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for d in devs:
+        yield d
+        bridge = d.get("pci_bridge") or {}
+        yield from _pci_devices(list(bridge.get("devices") or []))
+
+
+def virtio_net_link(q: Qmp, nic: str, mac: str | None = None) -> bool | None:
+    """The ``VIRTIO_NET_S_LINK_UP`` bit of a virtio-net NIC, as its driver would read it.
+
+    The device config (``mac[6]``, ``status`` u16) is read over the monitor (``xp``) from the
+    NIC's memory BAR 4, where QEMU's modern virtio-pci transport maps it at offset 0x2000
+    (BAR address from ``query-pci``). The MAC read there must equal the NIC's (``mac``, from
+    ``query-rx-filter``), proving the right register was read; otherwise None.
+    """
+    bar: int | None = None
+    for bus in q.execute("query-pci"):
+        for dev in _pci_devices(list(bus.get("devices") or [])):
+            if dev.get("qdev_id") != nic:
+                continue
+            for r in dev.get("regions") or []:
+                if r.get("bar") == 4 and r.get("type") == "memory":
+                    bar = int(r["address"])
+    if bar is None or bar == 0 or bar >= (1 << 63):
+        return None
+    addr = bar + VIRTIO_PCI_DEVICE_CFG
+    text = str(q.execute("human-monitor-command", {"command-line": f"xp /8bx {addr:#x}"}))
+    values = re.findall(r"0x([0-9a-fA-F]{2})\b", text.partition(":")[2])
+    if len(values) < 8:
+        return None
+    cfg = bytes(int(v, 16) for v in values[:8])
+    if mac and cfg[:6].hex(":") != mac.lower():
+        return None
+    return bool(int.from_bytes(cfg[6:8], "little") & 1)
 
 
 def dump_memory(
@@ -215,3 +277,128 @@ ACTIONS: dict[str, Callable[..., VmActionRecord]] = {
     "link-up": lambda q, nic=None: set_link(q, nic, up=True),
     "dump-memory": dump_memory,
 }
+
+
+VERDICTS: Final = ("allow", "monitor", "investigate", "isolate", "terminate")
+
+
+class VmActuator:
+    """Enforce a verifier decision on one QEMU VM over its QMP socket (the agent's executor).
+
+    * allow / monitor: nothing (an isolation is undone only by :meth:`release`);
+    * investigate: the guest's memory as an ELF core (``dump-guest-memory``; QEMU halts the
+      vCPUs for the dump and resumes them), its sha256 goes into the next evidence;
+    * isolate: :func:`pause` (vCPUs halt at once: the attacker's processes stop) then
+      :func:`set_link` down on every NIC; verified only if ``query-status`` says paused *and*
+      every NIC's link reads back down;
+    * terminate: QMP ``quit``, verified by the QEMU process being gone.
+
+    :meth:`close` leaves the VM as it is: the agent does not own a VM it attached to by its
+    socket, and an agent restart must not release a guest it isolated.
+    """
+
+    def __init__(self, name: str, qmp: Qmp, *, snapshot_dir: Path | None = None) -> None:
+        self.name = name
+        self.qmp = qmp
+        self.snapshot_dir = snapshot_dir
+        self.state = "allow"
+        self.history: list[VmActionRecord] = []
+
+    def _record(self, rec: VmActionRecord) -> VmActionRecord:
+        self.history.append(rec)
+        log.log(
+            logging.WARNING if rec.action in ("isolate", "terminate", "release") else logging.INFO,
+            "action %s on vm %s: applied=%s verified=%s %s",
+            rec.action,
+            self.name,
+            rec.applied,
+            rec.verified,
+            rec.details,
+        )
+        return rec
+
+    def apply(self, action: str, reasons: Sequence[str] = ()) -> VmActionRecord:
+        """Apply a verifier action by name; an unknown name is refused, never guessed."""
+        if action not in VERDICTS:
+            raise ActionError(f"unknown action {action!r}; expected one of {', '.join(VERDICTS)}")
+        try:
+            rec: VmActionRecord = getattr(self, action)()
+        except (QmpError, TargetGoneError) as e:
+            raise ActionError(f"vm {self.name}: {action} failed: {e}") from None
+        rec.reasons = [*rec.reasons, *reasons]
+        return rec
+
+    def allow(self) -> VmActionRecord:
+        return self._record(VmActionRecord("allow", self.name, True, True))
+
+    def monitor(self) -> VmActionRecord:
+        return self._record(VmActionRecord("monitor", self.name, True, True))
+
+    def investigate(self) -> VmActionRecord:
+        base = self.snapshot_dir or Path(tempfile.gettempdir()) / f"bam-vm-{self.name}"
+        out = base / time.strftime("%Y%m%dT%H%M%S") / str(len(self.history))
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        dump = dump_memory(self.qmp, out / "memory.elf")
+        details = dict(dump.details)
+        if dump.verified:
+            h = hashlib.sha256()
+            with (out / "memory.elf").open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            details["memory_sha256"] = h.hexdigest()
+            manifest = json.dumps({"memory.elf": details["memory_sha256"]}, sort_keys=True)
+            (out / "manifest.json").write_text(manifest)
+            details["manifest_sha256"] = hashlib.sha256(manifest.encode()).hexdigest()
+        details["status"] = self.qmp.status()
+        if self.state == "allow":
+            self.state = "investigate"
+        rec = VmActionRecord("investigate", self.name, dump.applied, dump.verified, details=details)
+        rec.reasons = dump.reasons
+        return self._record(rec)
+
+    def isolate(self) -> VmActionRecord:
+        p = pause(self.qmp)
+        link = set_link(self.qmp, up=False)
+        status = self.qmp.status()
+        back = link.details.get("read_back", {})
+        details = {
+            "status": status,
+            "nics": link.details.get("nics", []),
+            "link_read_back": back,
+            "pause_s": p.details.get("elapsed_s"),
+            "link_s": link.details.get("elapsed_s"),
+        }
+        ok = status == "paused" and bool(back) and all(v is False for v in back.values())
+        self.state = "isolate"
+        rec = VmActionRecord(
+            "isolate", self.name, p.applied and link.applied, ok, details=details, undo="release"
+        )
+        rec.reasons = p.reasons + link.reasons
+        return self._record(rec)
+
+    def release(self) -> VmActionRecord:
+        link = set_link(self.qmp, up=True)
+        r = resume(self.qmp)
+        back = link.details.get("read_back", {})
+        status = self.qmp.status()
+        ok = status == "running" and bool(back) and all(v is not False for v in back.values())
+        self.state = "allow"
+        rec = VmActionRecord(
+            "release",
+            self.name,
+            r.applied and link.applied,
+            ok,
+            details={"status": status, "link_read_back": back},
+        )
+        rec.reasons = r.reasons + link.reasons
+        return self._record(rec)
+
+    def terminate(self) -> VmActionRecord:
+        t = terminate(self.qmp)
+        self.state = "terminate"
+        rec = VmActionRecord("terminate", self.name, t.applied, t.verified, details=t.details)
+        rec.reasons = t.reasons
+        return self._record(rec)
+
+    def close(self) -> None:
+        """Nothing to undo (see the class docstring); the caller closes the QMP session."""

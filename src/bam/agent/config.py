@@ -14,7 +14,14 @@ The TOML file is ``$BAM_AGENT_CONFIG`` (or ``--config``), top-level keys plus on
     profile_s = 120
 
 A target is exactly one of ``command`` (the agent starts it, in its own cgroup), ``pid`` (a
-running process tree) or ``cgroup`` (a v2 or v1 group).
+running process tree), ``cgroup`` (a v2 or v1 group) or ``qmp`` (a QEMU VM by its QMP socket;
+its in-guest syscall stream is the file named by ``vm_trace``, by default the ``trace`` of the
+``vm.json`` that ``bam vm start`` writes beside the socket)::
+
+    [[targets]]
+    name = "web-vm"
+    qmp = "/run/bam/vm/web/qmp.sock"
+    # vm_trace = "/run/bam/vm/web/trace.bin"
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from pydantic_settings import (
 
 from bam.evidence.keys.software import default_data_dir
 
+KINDS = ("command", "pid", "cgroup", "qmp")
+
 
 class TargetSpec(BaseModel):
     """One workload the agent watches."""
@@ -43,6 +52,14 @@ class TargetSpec(BaseModel):
     command: list[str] | None = None
     pid: Annotated[int, Field(gt=0)] | None = None
     cgroup: str | None = None
+    qmp: Path | None = None
+    """A QEMU VM's QMP socket (``-qmp unix:PATH,server=on,wait=off``)."""
+    vm_trace: Path | None = None
+    """The guest's syscall stream (the file QEMU writes the guest's trace port to); default:
+    ``trace`` in the ``vm.json`` beside the QMP socket."""
+    vm_resource_hz: Annotated[float, Field(gt=0, le=20)] = 1.0
+    """How often a VM's host-side resources (QEMU CPU, vCPU threads, RSS, block I/O) are
+    sampled."""
     profile_s: Annotated[float, Field(gt=0)] = 60.0
     profile_slices: Annotated[int, Field(ge=4, le=64)] = 16
     """The profile is cut into this many time slices: the baseline's traces."""
@@ -52,6 +69,11 @@ class TargetSpec(BaseModel):
     calibration and the demo service raised false alarms (measured: 22 alert ticks in 40 s
     with 8 slices / 0.25, none with 16 / 0.5; the attack still scores ~8x threshold)."""
     baseline: Path | None = None
+    classifier: Path | None = None
+    """An attack classifier (``bam classifier train``): names what an anomaly looks like;
+    its label and probability go into the evidence, its ``model_id`` into the measurements."""
+    classifier_id: str | None = None
+    """Pin the classifier file to this ``model_id`` (refused otherwise)."""
     reprofile: bool = False
     model: str = "lm"
     window: Annotated[int, Field(ge=4, le=10_000)] = 30
@@ -64,13 +86,35 @@ class TargetSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_kind(self) -> TargetSpec:
-        given = [k for k in ("command", "pid", "cgroup") if getattr(self, k)]
+        given = [k for k in KINDS if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                f"target {self.name!r}: give exactly one of command, pid, cgroup (got "
+                f"target {self.name!r}: give exactly one of command, pid, cgroup, qmp (got "
                 f"{', '.join(given) or 'none'})"
             )
+        if self.qmp is None and self.vm_trace is not None:
+            raise ValueError(
+                f"target {self.name!r}: vm_trace is the guest stream of a VM target; "
+                "give qmp (the VM's QMP socket) too"
+            )
+        if self.qmp is not None and str(self.qmp).strip() in ("", "."):
+            raise ValueError(f"target {self.name!r}: qmp must name the VM's QMP socket")
+        if self.qmp is not None and self.qmp.exists() and not self.qmp.is_socket():
+            raise ValueError(
+                f"target {self.name!r}: qmp {self.qmp} is not a socket (give the path of "
+                "QEMU's -qmp unix:PATH,server=on,wait=off)"
+            )
+        if self.vm_trace is not None and self.vm_trace.is_dir():
+            raise ValueError(
+                f"target {self.name!r}: vm_trace {self.vm_trace} is a directory, not the "
+                "guest's trace stream file"
+            )
         return self
+
+    @property
+    def kind(self) -> str:
+        """``vm`` for a QMP target, else ``process`` (how the server registers it)."""
+        return "vm" if self.qmp is not None else "process"
 
 
 def config_file() -> Path | None:

@@ -10,29 +10,36 @@ A command the agent starts runs inside its own cgroup v2 group from its first in
 (moved there while still held before ``exec``), so the actions can freeze it and cut the
 network of every socket it ever opens. After an agent restart, a group that still has
 processes is watched as it is instead of starting the command a second time.
+
+A QEMU VM (``qmp``) is watched through its guest's syscall stream and the QEMU process's
+host-side resources (:mod:`bam.agent.vm`); its actions go over QMP (:class:`VmActuator`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from bam.actions.cgroup import Cgroup, safe_name, v2_root
 from bam.actions.process import ProcessActuator
+from bam.actions.vm import VmActuator
 from bam.agent.config import TargetSpec
+from bam.agent.fit import fit_in_child, write_profile
 from bam.agent.stream import LiveSensor, WindowScorer
+from bam.agent.vm import VmLiveSensor, VmResources, vm_info
 from bam.detect import Baseline, SeverityTracker, level_of
-from bam.detect.severity import rank
+from bam.detect.severity import ExcessFrequency, rank
 from bam.errors import BamError
-from bam.events import SyscallBatch, Trace
+from bam.events import SyscallBatch
 from bam.evidence.claims import (
     BehaviorCounts,
     BehaviorSummary,
@@ -42,9 +49,19 @@ from bam.evidence.claims import (
 )
 from bam.evidence.claims import Target as TargetClaim
 from bam.evidence.errors import MeasurementError
-from bam.evidence.measure import collect_measurements, measure_model, measure_process
-from bam.models import make_detector
+from bam.evidence.measure import (
+    collect_measurements,
+    measure_model,
+    measure_process,
+    measure_vm,
+)
+from bam.sensors.errors import SensorError
+from bam.sensors.vm.launch import VmInfo
+from bam.sensors.vm.qmp import Qmp
 from bam.sensors.workload import GatedCommand, Target
+
+if TYPE_CHECKING:
+    from bam.models.classifier import AttackClassifier
 
 log = logging.getLogger("bam.agent")
 
@@ -110,8 +127,11 @@ class TargetMonitor:
         self.command: GatedCommand | None = None
         self.target: Target | None = None
         self.root_pid: int | None = None
-        self.sensor: LiveSensor | None = None
-        self.actuator: ProcessActuator | None = None
+        self.sensor: LiveSensor | VmLiveSensor | None = None
+        self.actuator: ProcessActuator | VmActuator | None = None
+        self.qmp: Qmp | None = None
+        self.vm: VmInfo | None = None
+        self.resources: VmResources | None = None
         self.baseline: Baseline | None = None
         self.baseline_path = (
             spec.baseline or data_dir / "baselines" / f"{safe_name(spec.name)}.bamb"
@@ -124,8 +144,7 @@ class TargetMonitor:
         # ... and one over the whole workload, decayed in *time* (horizon_s): an attack spreads
         # over many short-lived processes (the shell, then one per command), each with too few
         # windows for its own tracker to escalate quickly
-        self.wfreq = 0.0
-        self._wfreq_t = time.monotonic()
+        self.wfreq = ExcessFrequency(horizon_s=spec.horizon_s, far=spec.target_far)
         self.interval = Interval(start=time.time())
         self._profile: list[SyscallBatch] = []
         self._profile_until = 0.0
@@ -133,6 +152,7 @@ class TargetMonitor:
         self._raw_file: Any = None
         self._raw_path: Path | None = None
         self._models: list[ModelMeasurement] = []
+        self.classifier: AttackClassifier | None = None
         self.level = "none"
         self.last_value = 0.0
 
@@ -186,6 +206,8 @@ class TargetMonitor:
                 [spec.pid],
                 snapshot_dir=self.data_dir / "snapshots" / safe_name(spec.name),
             )
+        elif spec.qmp is not None:
+            self._start_vm(spec.qmp)
         elif spec.cgroup is not None:
             self.target = Target.from_cgroup(spec.cgroup)
             pids = self.target.cgroup_pids()
@@ -203,16 +225,55 @@ class TargetMonitor:
                 use_cgroup=own is not None,
             )
         else:
-            raise BamError(f"target {spec.name!r}: give one of command, pid, cgroup")
-        log.info(
-            "%s: watching %s with %s", spec.name, self.target.label, self.sensor.choice.describe()
-        )
+            raise BamError(f"target {spec.name!r}: give one of command, pid, cgroup, qmp")
+        log.info("%s: watching %s with %s", spec.name, self.label, self.describe_sensor())
         self._load_or_profile()
+
+    def _start_vm(self, qmp_path: Path) -> None:
+        """Attach to a running VM: QMP session, guest syscall stream, host-side resources."""
+        spec = self.spec
+        info = vm_info(qmp_path, spec.vm_trace)
+        try:
+            self.qmp = Qmp(info.qmp)
+        except SensorError as e:
+            raise BamError(f"target {spec.name!r}: {e}") from None
+        pid = self.qmp.qemu_pid()
+        if pid is None:
+            raise BamError(f"target {spec.name!r}: cannot tell the QEMU pid behind {info.qmp}")
+        info.pid = pid
+        self.vm = info
+        self.root_pid = pid
+        self.resources = VmResources(self.qmp, pid, hz=spec.vm_resource_hz)
+        self.sensor = VmLiveSensor(info)
+        try:
+            self.sensor.start()
+        except SensorError as e:
+            raise BamError(f"target {spec.name!r}: guest syscall stream: {e}") from None
+        self.actuator = VmActuator(
+            spec.name, self.qmp, snapshot_dir=self.data_dir / "snapshots" / safe_name(spec.name)
+        )
+
+    @property
+    def label(self) -> str:
+        if self.vm is not None:
+            return f"vm:{self.vm.qmp} (QEMU pid {self.vm.pid})"
+        return self.target.label if self.target is not None else self.spec.name
+
+    def describe_sensor(self) -> str:
+        if isinstance(self.sensor, VmLiveSensor):
+            return self.sensor.describe()
+        return self.sensor.choice.describe() if self.sensor is not None else "no sensor"
+
+    @property
+    def resources_path(self) -> Path:
+        return self.baseline_path.with_suffix(".host.json")
 
     def _load_or_profile(self) -> None:
         if self.baseline_path.exists() and not self.spec.reprofile:
             self.baseline = Baseline.load(self.baseline_path)
             log.info("%s: baseline %s loaded", self.spec.name, self.baseline.model_id_)
+            if self.resources is not None and not self.resources.load(self.resources_path):
+                log.warning("%s: no host-side resource profile beside the baseline", self.spec.name)
             self._monitoring()
             return
         if self.open_alert:
@@ -222,7 +283,14 @@ class TargetMonitor:
             )
         self.phase = "profiling"
         self._profile_until = time.monotonic() + self.spec.profile_s
+        if self.resources is not None:
+            self.resources.learning = True
         log.info("%s: profiling for %.0f s", self.spec.name, self.spec.profile_s)
+
+    def end_profiling_soon(self) -> None:
+        """Stop profiling at the next tick ("profile until told"), whatever ``profile_s`` says."""
+        if self.phase == "profiling":
+            self._profile_until = 0.0
 
     def finish_profiling(self) -> None:
         """Fit on what was collected (time slices become the baseline's traces)."""
@@ -233,30 +301,28 @@ class TargetMonitor:
                 f"{self.spec.name}: only {len(batch)} system calls in {self.spec.profile_s:.0f} s "
                 "of profiling: too few to learn from (give the workload some load)"
             )
-        order = np.argsort(batch.ts, kind="stable")
-        cuts = np.array_split(order, self.spec.profile_slices)
-        traces = [
-            Trace(
-                f"profile-{i}",
-                SyscallBatch(
-                    ts=batch.ts[np.sort(c)],
-                    pid=batch.pid[np.sort(c)],
-                    tid=batch.tid[np.sort(c)],
-                    sid=batch.sid[np.sort(c)],
-                ),
+        # Fitted in a child process (bam.agent.fit): the fit's transient heap would otherwise
+        # stay in this long-running agent's resident memory.
+        profile = self.baseline_path.with_suffix(".profile.npz")
+        try:
+            write_profile(profile, batch, self.spec.profile_slices)
+            fit_in_child(
+                profile,
+                self.baseline_path,
+                model=self.spec.model,
+                window=self.spec.window,
+                target_far=self.spec.target_far,
+                holdout=self.spec.holdout,
             )
-            for i, c in enumerate(cuts)
-            if len(c)
-        ]
-        b = Baseline(
-            make_detector(self.spec.model),
-            window=self.spec.window,
-            target_far=self.spec.target_far,
-            holdout=self.spec.holdout,
-        )
-        b.fit(traces)
-        mid = b.save(self.baseline_path)
+        finally:
+            profile.unlink(missing_ok=True)
+        b = Baseline.load(self.baseline_path)
+        mid = str(b.model_id_)
         log.info("%s: baseline %s fitted on %d calls", self.spec.name, mid, len(batch))
+        if self.resources is not None:
+            prof = self.resources.learn()
+            self.resources.save(self.resources_path)
+            log.info("%s: host-side resource profile (max) %s", self.spec.name, prof)
         self.baseline = b
         self._monitoring()
         assert self.scorer is not None
@@ -267,12 +333,23 @@ class TargetMonitor:
         self.scorer = WindowScorer(self.baseline)
         mid = str(self.baseline.model_id_)
         self._models = [measure_model(mid, [self.baseline_path], "baseline")]
+        if self.spec.classifier is not None:
+            from bam.models.classifier import AttackClassifier
+
+            self.classifier = AttackClassifier.load(
+                self.spec.classifier, expect_model_id=self.spec.classifier_id
+            )
+            self._models.append(
+                measure_model(str(self.classifier.model_id_), [self.spec.classifier], "classifier")
+            )
         self.phase = "monitoring"
         self.interval = Interval(start=time.time())
         self._open_raw()
 
     # ---------------------------------------------------------------- ticks
     def alive(self) -> bool:
+        if self.vm is not None:
+            return _running(self.vm.pid)
         if self.command is not None and self.command.poll() is not None:
             return False
         return self.target.alive() if self.target is not None else False
@@ -281,6 +358,8 @@ class TargetMonitor:
         """Take what the sensor has, score it, update severity (call every ~0.1-0.25 s)."""
         if self.sensor is None or self.phase in ("starting", "stopped"):
             return Tick(self.phase)
+        if self.resources is not None:
+            self.resources.maybe_sample()
         batch = self.sensor.take()
         if self.phase == "profiling":
             if len(batch):
@@ -309,13 +388,10 @@ class TargetMonitor:
             for m in mags.tolist():
                 v, _ = tr.update(m)
                 peak_value = max(peak_value, v)
-        now = time.monotonic()
-        self.wfreq *= math.exp(-(now - self._wfreq_t) / self.spec.horizon_s)
-        self._wfreq_t = now
         over = up.magnitudes[up.magnitudes > 1.0]
-        if len(over):
-            self.wfreq += float(len(over))
-            peak_value = max(peak_value, float(over.max()) * self.wfreq)
+        excess = self.wfreq.update(time.monotonic(), len(up.magnitudes), len(over))
+        if len(over) and excess > 0:
+            peak_value = max(peak_value, float(over.max()) * excess)
         if len(self.trackers) > 4 * len(self.scorer.tails) + 64:
             self.trackers = {t: k for t, k in self.trackers.items() if t in self.scorer.tails}
         iv.windows += len(up.magnitudes)
@@ -368,11 +444,39 @@ class TargetMonitor:
         if self.root_pid is not None:
             with contextlib.suppress(MeasurementError):
                 proc = measure_process(self.root_pid)
+        files = []
+        if self.vm is not None:
+            # what boots: the guest kernel and initrd from QEMU's command line (not the
+            # disks, which the guest writes)
+            boot = _qemu_boot_files(self.vm.pid)
+            with contextlib.suppress(MeasurementError):
+                files = measure_vm(
+                    kernel=boot.get("-kernel"),
+                    initrd=boot.get("-initrd"),
+                    firmware=[boot["-bios"]] if "-bios" in boot else [],
+                )
         return collect_measurements(
-            TargetClaim(kind="process", name=self.spec.name, pid=self.root_pid),
+            TargetClaim(
+                kind="vm" if self.vm is not None else "process",
+                name=self.spec.name,
+                pid=self.root_pid,
+            ),
             process=proc,
+            files=files,
             models=self._models,
         )
+
+    def _classify(self, segment: npt.NDArray[np.int32], fallback: str) -> tuple[str, float]:
+        """What the worst window looks like: the classifier's family and P(attack), or
+        ``fallback`` (the rule's label) when it finds the window benign-looking."""
+        assert self.classifier is not None
+        clf = self.classifier
+        proba = clf.predict_proba([segment])[0]
+        p_attack = float(clf.score([segment])[0])
+        k = int(proba.argmax())
+        if clf.classes_[k] == clf.benign_label or p_attack < 0.5:
+            return fallback, round(p_attack, 4)
+        return clf.classes_[k], round(float(proba[k]), 4)
 
     def observation(self, extra_features: list[str] | None = None) -> dict[str, Any]:
         """Close the interval: its behaviour summary + measurements, as JSON-able claims."""
@@ -388,10 +492,17 @@ class TargetMonitor:
                     f"{c.feature} ({c.score:.2f})"[:256]
                     for c in self.baseline.detector.explain(iv.peak_segment, 5)
                 ]
+        host: dict[str, float] = {}
+        if self.resources is not None:
+            host, host_top = self.resources.summary()
+            top += host_top
         top += list(extra_features or [])
-        label = None
+        label: str | None = None
+        probability: float | None = None
         if rank(sev) >= rank("medium"):
             label = "unexpected_exec" if iv.execs else "anomalous_sequence"
+            if self.classifier is not None and iv.peak_segment is not None:
+                label, probability = self._classify(iv.peak_segment, label)
         behavior = BehaviorSummary(
             window_start=round(iv.start, 6),
             window_end=round(end, 6),
@@ -402,11 +513,12 @@ class TargetMonitor:
                 "anomalous_windows": float(iv.anomalous),
                 "windows": float(iv.windows),
                 "calls": float(iv.calls),
+                **host,
             },
             thresholds={"window": 1.0, "severity_alert": 4.0},
             severity=cast(Severity, sev),
             label=label,
-            probability=None,
+            probability=probability,
             top_features=top,
             counts=BehaviorCounts(
                 new_processes=iv.forks, new_listening_ports=iv.listens, exec_mappings=iv.mprotects
@@ -432,7 +544,12 @@ class TargetMonitor:
             self._raw_file.close()
             self._raw_file = None
         act = self.actuator
-        if stop_command and act is not None and act.cgroup is not None and self.spec.command:
+        if (
+            stop_command
+            and isinstance(act, ProcessActuator)
+            and act.cgroup is not None
+            and self.spec.command
+        ):
             with contextlib.suppress(Exception):
                 act.cgroup.kill()
         if self.command is not None and stop_command:
@@ -440,4 +557,29 @@ class TargetMonitor:
                 self.command.kill()
         if self.actuator is not None:
             self.actuator.close()
+        if self.qmp is not None:
+            self.qmp.close()
         self.phase = "stopped"
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie is not running)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def _qemu_boot_files(pid: int) -> dict[str, str]:
+    """``-kernel``/``-initrd`` (and ``-bios``) of a QEMU process, from its command line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    out: dict[str, str] = {}
+    for flag, value in itertools.pairwise(argv):
+        f = flag.decode(errors="replace")
+        if f in ("-kernel", "-initrd", "-bios"):
+            out[f] = value.decode(errors="replace")
+    return out

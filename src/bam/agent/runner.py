@@ -24,6 +24,7 @@ import httpx
 
 from bam.actions.cgroup import ActionError
 from bam.actions.process import ActionRecord
+from bam.actions.vm import VmActionRecord
 from bam.agent.config import AgentSettings, TargetSpec
 from bam.agent.delivery import Delivered, Delivery
 from bam.agent.monitor import TargetMonitor
@@ -95,7 +96,7 @@ class Agent:
         self.cpu0 = self_cpu_s()
         self.t0 = time.monotonic()
         self.peak_rss_mb = 0.0
-        self.actions: list[ActionRecord] = []
+        self.actions: list[ActionRecord | VmActionRecord] = []
         self.loop_cpu_s = 0.0
         """CPU time of the agent's own loop thread (sensor drain, scoring, signing, sending):
         what the agent costs, without whatever else shares the process (a demo's traffic)."""
@@ -127,7 +128,7 @@ class Agent:
                 for spec in self.settings.targets:
                     # the server's staleness clock has a 1 s floor
                     interval = max(1.0, spec.interval_s or self.settings.interval_s)
-                    self.client.register_workload(spec.name, "process", interval)
+                    self.client.register_workload(spec.name, spec.kind, interval)
                 return
             except httpx.TransportError as e:
                 if time.monotonic() > deadline or (stop is not None and stop.is_set()):
@@ -203,6 +204,7 @@ class Agent:
                     first_anomaly_ts=obs.get("first_anomaly_ts"),
                     scores=obs["behavior"]["scores"],
                     label=obs["behavior"].get("label"),
+                    top_features=obs["behavior"].get("top_features", []),
                 )
             if not alive:
                 st.ended = True
@@ -232,13 +234,15 @@ class Agent:
         if self.settings.apply_actions and d.action:
             self.enforce(d.workload, d.action, d.reasons)
 
-    def enforce(self, workload: str, action: str, reasons: list[str]) -> ActionRecord | None:
+    def enforce(
+        self, workload: str, action: str, reasons: list[str]
+    ) -> ActionRecord | VmActionRecord | None:
         """Apply ``action`` if it changes what is in force (never re-freezes every result)."""
         st = self.targets[workload]
         act = st.monitor.actuator
         if act is None:
             return None
-        rec: ActionRecord | None = None
+        rec: ActionRecord | VmActionRecord | None = None
         try:
             if action == st.applied and action != "investigate":
                 return None
@@ -264,7 +268,7 @@ class Agent:
         self._report_action(workload, rec)
         return rec
 
-    def _report_action(self, workload: str, rec: ActionRecord) -> None:
+    def _report_action(self, workload: str, rec: ActionRecord | VmActionRecord) -> None:
         """Tell the server what was done (``POST /v1/actions/{id}/report``)."""
         try:
             rows = self.client.actions(after=self.last_action_id, wait=0)

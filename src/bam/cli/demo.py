@@ -24,18 +24,33 @@ def demo(
     report: Annotated[
         Path | None, typer.Option("--report", help="HTML report path.", dir_okay=False)
     ] = None,
+    vm: Annotated[
+        bool,
+        typer.Option(
+            "--vm",
+            help="The service runs inside a QEMU guest (busybox httpd + CGI); the agent watches "
+            "the VM (guest syscalls over virtio-serial + QEMU host resources) and isolates it "
+            "over QMP (pause + link down).",
+        ),
+    ] = False,
 ) -> None:
     """Watch BAM learn a real service, attest it, catch a real attack and isolate it."""
     from bam.demo.run import Demo
     from bam.errors import BamError
 
     with user_errors():
-        if os.geteuid() != 0:
-            raise BamError(
-                "the live demo needs root (eBPF sensor, cgroup freeze, nftables): run it with sudo"
-            )
         say = (lambda m: err_console.print(f"[dim]{m}[/]")) if json_out else console.print
-        outcome = Demo(quick=quick, report=report, say=say).run()
+        if vm:
+            from bam.demo.vm import VmDemo
+
+            outcome = VmDemo(quick=quick, report=report, say=say).run()
+        else:
+            if os.geteuid() != 0:
+                raise BamError(
+                    "the live demo needs root (eBPF sensor, cgroup freeze, nftables): run it "
+                    "with sudo (`bam demo --vm` does not)"
+                )
+            outcome = Demo(quick=quick, report=report, say=say).run()
     if json_out:
         print_json(outcome)
     else:
@@ -66,7 +81,7 @@ def _print(o: dict[str, Any]) -> None:
         style = "bold red" if sev in ("high", "critical") or row.get("action") else None
         tl.add_row(*(_cell(row.get(c)) for c in cols), style=style)
     console.print(tl)
-    t = Table(title="BAM demo outcome", show_header=False)
+    t = Table(title="BAM demo outcome" + (" (VM)" if "vm" in o else ""), show_header=False)
     for k in (
         "benign_alerts",
         "attack_detected",

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bam.actions.process import tcp_reachable
+from bam.actions.process import ProcessActuator, tcp_reachable
 from bam.agent.config import AgentSettings, TargetSpec
 from bam.agent.embedded import EmbeddedServer
 from bam.agent.runner import Agent
@@ -75,6 +75,8 @@ class Demo:
         self.events: list[dict[str, Any]] = []
         self.timeline: list[dict[str, Any]] = []
         self.t0 = time.time()
+        self.workload = "notes"
+        """The target's name (the server's workload)."""
 
     def _on_event(self, e: dict[str, Any]) -> None:
         e = {**e, "demo_phase": self.phase}
@@ -94,6 +96,11 @@ class Demo:
                     "severity_value": sc.get("severity_value"),
                     "severity": e.get("severity"),
                     "label": e.get("label"),
+                    **(
+                        {"top": e.get("top_features", [])[:3]}
+                        if e.get("severity") != "none"
+                        else {}
+                    ),
                 }
             )
         elif e["type"] == "result" and self.timeline:
@@ -194,15 +201,7 @@ class Demo:
             benign_obs = [
                 e for e in self.events if e["type"] == "observation" and e["demo_phase"] == "benign"
             ]
-            benign_alerts = sum(
-                1
-                for e in self.events
-                if e["demo_phase"] == "benign"
-                and (
-                    (e["type"] == "observation" and rank(e["severity"]) >= rank("medium"))
-                    or (e["type"] == "result" and e.get("status") not in ("affirming", None))
-                )
-            )
+            benign_alerts = self.benign_alerts()
             self.phase = "attack"
             attack = Attack(base)
             self.say("ATTACK: command injection → reverse shell to 127.0.0.1:" + str(attack.port))
@@ -211,47 +210,13 @@ class Demo:
 
             op = threading.Thread(target=attack.operate, kwargs={"timeout_s": 10}, daemon=True)
             op.start()
-            isolated = None
-            end = time.monotonic() + 20
-            while time.monotonic() < end:
-                agent.run(duration_s=0.1)
-                isolated = next(
-                    (
-                        e
-                        for e in self.events
-                        if e["type"] == "action"
-                        and e["demo_phase"] == "attack"
-                        and (e.get("record") or {}).get("action") == "isolate"
-                    ),
-                    None,
-                )
-                if isolated is not None:
-                    break
+            isolated = self.wait_isolated(agent, 20.0)
             op.join(timeout=5)
-            detect = next(
-                (
-                    e
-                    for e in self.events
-                    if e["type"] == "observation"
-                    and e["demo_phase"] == "attack"
-                    and rank(e["severity"]) >= rank("high")
-                ),
-                None,
-            )
-            result = next(
-                (
-                    e
-                    for e in self.events
-                    if e["type"] == "result"
-                    and e["demo_phase"] == "attack"
-                    and e.get("status") == "contraindicated"
-                ),
-                None,
-            )
+            detect, result = self.detection(), self.contraindicated()
             # ---- checks, read back from the kernel and over the network
             act = st.monitor.actuator
             checks: dict[str, Any] = {}
-            if act is not None and act.cgroup is not None:
+            if isinstance(act, ProcessActuator) and act.cgroup is not None:
                 checks["cgroup_frozen"] = act.cgroup.frozen()
                 checks["nft_rule_present"] = act.cut is not None and act.cut.active()
             checks["service_port_unreachable"] = not tcp_reachable("127.0.0.1", port, 1.0)
@@ -286,7 +251,7 @@ class Demo:
                 "agent_rss_mb": rss,
                 "benign_requests": traffic.requests,
                 "dashboard": f"{server.url}/dashboard",
-                "sensor": st.monitor.sensor.choice.describe() if st.monitor.sensor else None,
+                "sensor": st.monitor.describe_sensor(),
             }
         finally:
             if traffic is not None:
@@ -304,6 +269,67 @@ class Demo:
             self._tmp.cleanup()
         return outcome
 
+    # ---------------------------------------------------------------- shared with the VM demo
+    def benign_alerts(self) -> int:
+        """Observations >= medium or results not affirming during the benign phase."""
+        return sum(
+            1
+            for e in self.events
+            if e["demo_phase"] == "benign"
+            and (
+                (e["type"] == "observation" and rank(e["severity"]) >= rank("medium"))
+                or (e["type"] == "result" and e.get("status") not in ("affirming", None))
+            )
+        )
+
+    def isolation(self) -> dict[str, Any] | None:
+        """The agent's isolate action of the attack phase, if any."""
+        return next(
+            (
+                e
+                for e in self.events
+                if e["type"] == "action"
+                and e["demo_phase"] == "attack"
+                and (e.get("record") or {}).get("action") == "isolate"
+            ),
+            None,
+        )
+
+    def wait_isolated(self, agent: Agent, timeout_s: float) -> dict[str, Any] | None:
+        """Run the agent until it isolated the workload (or ``timeout_s`` passed)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            agent.run(duration_s=0.1)
+            if (found := self.isolation()) is not None:
+                return found
+        return None
+
+    def detection(self) -> dict[str, Any] | None:
+        """The first high/critical observation of the attack phase."""
+        return next(
+            (
+                e
+                for e in self.events
+                if e["type"] == "observation"
+                and e["demo_phase"] == "attack"
+                and rank(e["severity"]) >= rank("high")
+            ),
+            None,
+        )
+
+    def contraindicated(self) -> dict[str, Any] | None:
+        """The first contraindicated result of the attack phase."""
+        return next(
+            (
+                e
+                for e in self.events
+                if e["type"] == "result"
+                and e["demo_phase"] == "attack"
+                and e.get("status") == "contraindicated"
+            ),
+            None,
+        )
+
     def _verify_results(self, server: EmbeddedServer) -> bool:
         """The server stored the attack evidence and its signed result verifies with its key."""
         from bam.evidence import VerificationKey
@@ -311,13 +337,13 @@ class Demo:
 
         with server.operator() as op:
             key = VerificationKey.from_jwk(op.get("/v1/server-key")["jwk"])
-            results = op.get("/v1/workloads/notes/results", limit=50)["results"]
-            rows = op.get("/v1/workloads/notes/evidence", limit=500)["evidence"]
+            results = op.get(f"/v1/workloads/{self.workload}/results", limit=50)["results"]
+            rows = op.get(f"/v1/workloads/{self.workload}/evidence", limit=500)["evidence"]
         bad = [r for r in results if r["status"] == "contraindicated"]
         if not bad or not any(r.get("severity") in ("high", "critical") for r in rows):
             return False
         claims = verify_ear(bad[-1]["ear"], key)
-        return "notes" in claims.get("submods", {})
+        return self.workload in claims.get("submods", {})
 
     # ---------------------------------------------------------------- report
     def write_report(self, outcome: dict[str, Any]) -> None:
@@ -391,6 +417,7 @@ def render_html(
         "decision",
         "action",
         "verified",
+        "top",
     ]
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"

