@@ -383,15 +383,12 @@ int BPF_PROG(bam_sys_exit, struct pt_regs *regs, long ret)
  * which scrambles the thread's sequence. A blocking thread's calls also become visible at
  * once instead of after flush_age_ns. The tracepoint runs in prev's context, so selected()
  * (pid bitmap or current cgroup) applies to prev. */
-SEC("tp_btf/sched_switch")
-int BPF_PROG(bam_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+static __always_inline void flush_stage_now(void)
 {
-	if (!selected(prev->tgid))
-		return 0;
 	__u32 zero = 0;
 	struct stage *s = bpf_map_lookup_elem(&stage, &zero);
 	if (!s || s->busy || s->n == 0)
-		return 0;
+		return;
 	s->busy = 1;
 	barrier();
 	__u32 n = s->n;
@@ -401,6 +398,13 @@ int BPF_PROG(bam_switch, bool preempt, struct task_struct *prev, struct task_str
 	s->n = 0;
 	barrier();
 	s->busy = 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(bam_switch, bool preempt, struct task_struct *prev, struct task_struct *next)
+{
+	if (selected(prev->tgid))
+		flush_stage_now();
 	return 0;
 }
 
@@ -448,6 +452,10 @@ int BPF_PROG(bam_fork, struct task_struct *parent, struct task_struct *child)
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(bam_pexit, struct task_struct *p, bool group_dead)
 {
+	/* A watched thread's last calls: deliver them now. Its final switch-out comes after
+	 * its group's bit is cleared below, so bam_switch would no longer see it as watched. */
+	if (selected(p->tgid))
+		flush_stage_now();
 	if (cfg.filter != FILTER_PIDS || !group_dead)
 		return 0;
 	__u32 tgid = p->tgid;
