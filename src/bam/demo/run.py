@@ -188,20 +188,7 @@ class Demo:
                 f"profiling the notes service (pid {st.monitor.root_pid}) under benign "
                 f"traffic for {self.profile_s:.0f} s…"
             )
-            while st.monitor.phase == "profiling":
-                agent.run(duration_s=0.25)
-            self.phase = "benign"
-            self.say(
-                f"baseline learnt; benign traffic for {self.benign_s:.0f} s (attested every 1 s)…"
-            )
-            cpu0, wall0 = agent.loop_cpu_s, agent.loop_wall_s
-            agent.run(duration_s=self.benign_s)
-            cpu_frac = (agent.loop_cpu_s - cpu0) / max(1e-9, agent.loop_wall_s - wall0)
-            rss = agent.stats()["peak_rss_mb"]
-            benign_obs = [
-                e for e in self.events if e["type"] == "observation" and e["demo_phase"] == "benign"
-            ]
-            benign_alerts = self.benign_alerts()
+            cpu_frac, rss, benign_obs, benign_alerts = self.profile_then_benign(agent, st)
             self.phase = "attack"
             attack = Attack(base)
             self.say("ATTACK: command injection → reverse shell to 127.0.0.1:" + str(attack.port))
@@ -270,6 +257,24 @@ class Demo:
         return outcome
 
     # ---------------------------------------------------------------- shared with the VM demo
+    def profile_then_benign(
+        self, agent: Agent, st: Any
+    ) -> tuple[float, float, list[dict[str, Any]], int]:
+        """Run the agent until profiling ends, then the benign phase (``benign_s``); returns
+        the agent's CPU share and peak RSS then, the benign observations and alert count."""
+        while st.monitor.phase == "profiling":
+            agent.run(duration_s=0.25)
+        self.phase = "benign"
+        self.say(f"baseline learnt; benign traffic for {self.benign_s:.0f} s (attested every 1 s)…")
+        cpu0, wall0 = agent.loop_cpu_s, agent.loop_wall_s
+        agent.run(duration_s=self.benign_s)
+        cpu_frac = (agent.loop_cpu_s - cpu0) / max(1e-9, agent.loop_wall_s - wall0)
+        rss = float(agent.stats()["peak_rss_mb"])
+        benign_obs = [
+            e for e in self.events if e["type"] == "observation" and e["demo_phase"] == "benign"
+        ]
+        return cpu_frac, rss, benign_obs, self.benign_alerts()
+
     def benign_alerts(self) -> int:
         """Observations >= medium or results not affirming during the benign phase."""
         return sum(

@@ -129,20 +129,7 @@ class VmDemo(Demo):
                 f"profiling the VM (guest syscalls + QEMU host resources) under benign traffic "
                 f"for {self.profile_s:.0f} s…"
             )
-            while st.monitor.phase == "profiling":
-                agent.run(duration_s=0.25)
-            self.phase = "benign"
-            self.say(
-                f"baseline learnt; benign traffic for {self.benign_s:.0f} s (attested every 1 s)…"
-            )
-            cpu0, wall0 = agent.loop_cpu_s, agent.loop_wall_s
-            agent.run(duration_s=self.benign_s)
-            cpu_frac = (agent.loop_cpu_s - cpu0) / max(1e-9, agent.loop_wall_s - wall0)
-            rss = agent.stats()["peak_rss_mb"]
-            benign_obs = [
-                e for e in self.events if e["type"] == "observation" and e["demo_phase"] == "benign"
-            ]
-            benign_alerts = self.benign_alerts()
+            cpu_frac, rss, benign_obs, benign_alerts = self.profile_then_benign(agent, st)
             benign_errors, benign_error_log = traffic.errors, list(traffic.error_log)
             self.phase = "attack"
             attack = Attack(base, connect_host=GUEST_HOST, endpoint="/cgi-bin/size", tool="nc")
