@@ -213,18 +213,10 @@ class Demo:
             evidence_verified = self._verify_results(server) if result is not None else False
             self.say("isolation checks: " + ", ".join(f"{k}={v}" for k, v in checks.items()))
             outcome = {
-                "benign_alerts": benign_alerts,
-                "benign_evidence": len(benign_obs),
-                "attack_detected": detect is not None,
-                "detection_latency_s": round(detect["t"] - attack.sent_at, 3) if detect else None,
-                "first_anomalous_call_after_exploit_s": round(
-                    detect["first_anomaly_ts"] - attack.sent_at, 3
-                )
-                if detect and detect.get("first_anomaly_ts")
-                else None,
+                **self.detection_outcome(
+                    benign_alerts, benign_obs, attack.sent_at, detect, result, isolated
+                ),
                 "evidence_verified": evidence_verified,
-                "decision": f"{result.get('status')} / {result.get('action')}" if result else None,
-                "action": (isolated.get("record") or {}).get("action") if isolated else None,
                 "action_verified": bool(
                     isolated
                     and isolated.get("ok")
@@ -274,6 +266,27 @@ class Demo:
             e for e in self.events if e["type"] == "observation" and e["demo_phase"] == "benign"
         ]
         return cpu_frac, rss, benign_obs, self.benign_alerts()
+
+    @staticmethod
+    def detection_outcome(
+        benign_alerts: int,
+        benign_obs: list[dict[str, Any]],
+        sent_at: float,
+        detect: dict[str, Any] | None,
+        result: dict[str, Any] | None,
+        isolated: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """The outcome keys both demos report the same way (benign phase, detection, decision)."""
+        first = detect.get("first_anomaly_ts") if detect else None
+        return {
+            "benign_alerts": benign_alerts,
+            "benign_evidence": len(benign_obs),
+            "attack_detected": detect is not None,
+            "detection_latency_s": round(detect["t"] - sent_at, 3) if detect else None,
+            "first_anomalous_call_after_exploit_s": round(first - sent_at, 3) if first else None,
+            "decision": f"{result.get('status')} / {result.get('action')}" if result else None,
+            "action": (isolated.get("record") or {}).get("action") if isolated else None,
+        }
 
     def benign_alerts(self) -> int:
         """Observations >= medium or results not affirming during the benign phase."""

@@ -149,18 +149,10 @@ class VmDemo(Demo):
             sensor = st.monitor.sensor
             res = st.monitor.resources
             outcome: dict[str, Any] = {
-                "benign_alerts": benign_alerts,
-                "benign_evidence": len(benign_obs),
-                "attack_detected": detect is not None,
-                "detection_latency_s": round(detect["t"] - attack.sent_at, 3) if detect else None,
-                "first_anomalous_call_after_exploit_s": round(
-                    detect["first_anomaly_ts"] - attack.sent_at, 3
-                )
-                if detect and detect.get("first_anomaly_ts")
-                else None,
+                **self.detection_outcome(
+                    benign_alerts, benign_obs, attack.sent_at, detect, result, isolated
+                ),
                 "evidence_verified": evidence_verified,
-                "decision": f"{result.get('status')} / {result.get('action')}" if result else None,
-                "action": (isolated.get("record") or {}).get("action") if isolated else None,
                 "action_verified": bool(
                     isolated
                     and isolated.get("ok")
