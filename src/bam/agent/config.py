@@ -60,6 +60,9 @@ class TargetSpec(BaseModel):
     vm_resource_hz: Annotated[float, Field(gt=0, le=20)] = 1.0
     """How often a VM's host-side resources (QEMU CPU, vCPU threads, RSS, block I/O) are
     sampled."""
+    resource_hz: Annotated[float, Field(gt=0, le=20)] = 1.0
+    """How often a process target's resources (CPU, RSS, disk and network bytes, threads, fds)
+    are sampled."""
     profile_s: Annotated[float, Field(gt=0)] = 60.0
     profile_slices: Annotated[int, Field(ge=4, le=64)] = 16
     """The profile is cut into this many time slices: the baseline's traces."""

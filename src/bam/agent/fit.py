@@ -19,6 +19,9 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +75,12 @@ def fit_in_child(
     target_far: float,
     holdout: float,
     timeout_s: float = 600.0,
+    while_waiting: Callable[[], object] | None = None,
 ) -> None:
-    """Run the fit in a child process; raise :class:`BamError` with its message on failure."""
+    """Run the fit in a child process; raise :class:`BamError` with its message on failure.
+
+    ``while_waiting`` is called every 20 ms until the child ends: the agent keeps draining its
+    sensor meanwhile, or a busy workload would overflow the ring during a fit of seconds."""
     cmd = [
         sys.executable,
         "-m",
@@ -89,13 +96,24 @@ def fit_in_child(
         "--holdout",
         repr(holdout),
     ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise BamError(f"fitting the baseline took longer than {timeout_s:.0f} s") from None
-    if proc.returncode != 0:
-        msg = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        raise BamError(f"fitting the baseline failed: {msg}")
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise BamError(f"fitting the baseline took longer than {timeout_s:.0f} s")
+                if while_waiting is not None:
+                    while_waiting()
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            err.seek(0)
+            msg = (err.read().strip().splitlines() or ["(no message)"])[-1]
+            raise BamError(f"fitting the baseline failed: {msg}")
 
 
 def main(argv: list[str] | None = None) -> int:

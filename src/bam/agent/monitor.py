@@ -34,6 +34,7 @@ from bam.actions.process import ProcessActuator
 from bam.actions.vm import VmActuator
 from bam.agent.config import TargetSpec
 from bam.agent.fit import fit_in_child, write_profile
+from bam.agent.resources import ProcessResources, RateProfile
 from bam.agent.stream import LiveSensor, WindowScorer
 from bam.agent.vm import VmLiveSensor, VmResources, vm_info
 from bam.detect import Baseline, SeverityTracker, level_of
@@ -90,6 +91,8 @@ class Interval:
     listens: int = 0
     mprotects: int = 0
     first_anomaly_ts: float | None = None
+    dropped: int = 0
+    """Events the sensor lost: no window spans them (the scorer's context is reset)."""
     digest: Any = field(default_factory=hashlib.sha256)
 
 
@@ -131,7 +134,7 @@ class TargetMonitor:
         self.actuator: ProcessActuator | VmActuator | None = None
         self.qmp: Qmp | None = None
         self.vm: VmInfo | None = None
-        self.resources: VmResources | None = None
+        self.resources: RateProfile | None = None
         self.baseline: Baseline | None = None
         self.baseline_path = (
             spec.baseline or data_dir / "baselines" / f"{safe_name(spec.name)}.bamb"
@@ -226,6 +229,11 @@ class TargetMonitor:
             )
         else:
             raise BamError(f"target {spec.name!r}: give one of command, pid, cgroup, qmp")
+        if self.resources is None and self.target is not None:
+            try:
+                self.resources = ProcessResources(self.target, hz=spec.resource_hz)
+            except (SensorError, OSError) as e:
+                log.warning("%s: no resource sampling: %s", spec.name, e)
         log.info("%s: watching %s with %s", spec.name, self.label, self.describe_sensor())
         self._load_or_profile()
 
@@ -313,6 +321,7 @@ class TargetMonitor:
                 window=self.spec.window,
                 target_far=self.spec.target_far,
                 holdout=self.spec.holdout,
+                while_waiting=self.sensor.poll if self.sensor is not None else None,
             )
         finally:
             profile.unlink(missing_ok=True)
@@ -372,6 +381,13 @@ class TargetMonitor:
         if len(batch) == 0:
             # decay still applies as time passes without anomalous windows
             return Tick("monitoring", level=self.level, value=self.last_value)
+        dropped = self.sensor.take_dropped()
+        if dropped:
+            # the stream has a hole: a window across it would be scored as if the calls on
+            # either side were adjacent, so every thread starts afresh after it
+            iv.dropped += dropped
+            self.scorer.reset()
+            log.warning("%s: the sensor lost %d events; windows restart", self.spec.name, dropped)
         self._write_raw(batch)
         up = self.scorer.feed(batch)
         iv.calls += up.calls
@@ -513,6 +529,7 @@ class TargetMonitor:
                 "anomalous_windows": float(iv.anomalous),
                 "windows": float(iv.windows),
                 "calls": float(iv.calls),
+                "dropped_events": float(iv.dropped),
                 **host,
             },
             thresholds={"window": 1.0, "severity_alert": 4.0},
@@ -559,6 +576,9 @@ class TargetMonitor:
             self.actuator.close()
         if self.qmp is not None:
             self.qmp.close()
+        if self.resources is not None:
+            with contextlib.suppress(Exception):
+                self.resources.close()
         self.phase = "stopped"
 
 

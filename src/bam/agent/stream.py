@@ -71,6 +71,7 @@ class LiveSensor:
         self.sensor = EbpfSyscallSensor(target, args=False, flush_age_ms=50.0, ring_bytes=4 << 20)
         self.trim_tid = trim_tid
         self.events = 0
+        self._dropped = 0
 
     def start(self) -> None:
         self.sensor.start()
@@ -88,7 +89,13 @@ class LiveSensor:
         if self.trim_tid is not None and norm.trimmed >= 0 and len(norm.batch):
             self.trim_tid = None  # only the gated command's first exec is trimmed
         self.events += len(norm.batch)
+        self._dropped += int(norm.drop_counts.sum())
         return norm.batch
+
+    def take_dropped(self) -> int:
+        """Events lost (ring buffer full) in what :meth:`take` returned since the last call."""
+        n, self._dropped = self._dropped, 0
+        return n
 
     def close(self) -> Any:
         if self.sensor.running:
@@ -129,6 +136,11 @@ class WindowScorer:
         self.tails: dict[int, I32] = {}
         self.tail_ts: dict[int, F64] = {}
         self.seen: dict[int, float] = {}
+
+    def reset(self) -> None:
+        """Forget every thread's context (after a gap in the stream)."""
+        self.tails.clear()
+        self.tail_ts.clear()
 
     def seed(self, batch: SyscallBatch) -> None:
         """Prime the per-thread context with calls already seen (the end of profiling), so

@@ -17,16 +17,14 @@ QEMU process's CPU follows guest load too loosely to alarm on alone.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from bam.agent.resources import RateProfile
 from bam.errors import BamError
 from bam.events import SyscallBatch
 from bam.sensors.errors import SensorError, TargetGoneError
@@ -88,6 +86,7 @@ class VmLiveSensor:
         self.info = info
         self.sensor = GuestSyscallSensor(info, from_start=False, keep=False)
         self._batches: list[SyscallBatch] = []
+        self._dropped_seen = 0
         self.events = 0
 
     def describe(self) -> str:
@@ -117,93 +116,53 @@ class VmLiveSensor:
     def drops(self) -> int:
         return self.sensor.drops
 
+    def take_dropped(self) -> int:
+        """Events the guest lost since the last call (same contract as the eBPF stream's)."""
+        n = self.sensor.drops - self._dropped_seen
+        self._dropped_seen = self.sensor.drops
+        return n
+
     def close(self) -> Any:
         with contextlib.suppress(SensorError):
             return self.sensor.close()
         return None
 
 
-@dataclass
-class VmResources:
-    """Host-side resources of one VM: sampled, learnt during profiling, summarised per interval."""
+class VmResources(RateProfile):
+    """Host-side resources of one VM: the QEMU process and its vCPU threads (procfs + QMP)."""
 
-    qmp: Qmp
-    pid: int
-    hz: float = 1.0
-    profile: dict[str, float] = field(default_factory=dict)
-    learning: bool = False
-    _learnt: list[dict[str, float]] = field(default_factory=list)
-    _interval: list[dict[str, float]] = field(default_factory=list)
-    _prev: VmResourceSample | None = None
-    _next: float = 0.0
-    last: VmResourceSample | None = None
-    gone: bool = False
+    METRICS: ClassVar[tuple[str, ...]] = METRICS
+    FLOORS: ClassVar[dict[str, float]] = FLOORS
+    PREFIX: ClassVar[str] = "host_"
 
-    def __post_init__(self) -> None:
-        self.sampler = VmResourceSampler(self.qmp, self.pid)
+    def __init__(self, qmp: Qmp, pid: int, hz: float = 1.0) -> None:
+        super().__init__(hz)
+        self.qmp = qmp
+        self.pid = pid
+        self.sampler = VmResourceSampler(qmp, pid)
+        self._prev: VmResourceSample | None = None
+        self.last: VmResourceSample | None = None
 
-    def maybe_sample(self) -> None:
-        now = time.monotonic()
-        if self.gone or now < self._next:
-            return
-        self._next = now + 1.0 / self.hz
+    def _rates(self) -> dict[str, float] | None:
         try:
             s = self.sampler.sample()
         except (QmpError, TargetGoneError):
             self.gone = True
-            return
+            return None
         prev, self._prev, self.last = self._prev, s, s
         if prev is None or s.ts <= prev.ts:
-            return
+            return None
         dt = s.ts - prev.ts
         blk = sum(d.get("rd_bytes", 0) + d.get("wr_bytes", 0) for d in s.block.values())
         blk0 = sum(d.get("rd_bytes", 0) + d.get("wr_bytes", 0) for d in prev.block.values())
-        rates = {
+        return {
             "cpu": max(0.0, s.cpu_s - prev.cpu_s) / dt,
             "vcpu": max(0.0, sum(v.cpu_s for v in s.vcpus) - sum(v.cpu_s for v in prev.vcpus)) / dt,
             "rss_mb": s.rss_bytes / 2**20,
             "block_bps": max(0, blk - blk0) / dt,
         }
-        self._interval.append(rates)
-        if self.learning:
-            self._learnt.append(rates)
 
-    def learn(self) -> dict[str, float]:
-        """The profile: the largest rate of each metric seen while learning."""
-        self.learning = False
-        if self._learnt:
-            self.profile = {m: max(r[m] for r in self._learnt) for m in METRICS}
-        self._learnt = []
-        return self.profile
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"version": 1, "max": self.profile}, indent=2))
-        os.replace(tmp, path)
-
-    def load(self, path: Path) -> bool:
-        try:
-            d = json.loads(path.read_text())
-            self.profile = {m: float(d["max"][m]) for m in METRICS}
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-        return True
-
-    def summary(self) -> tuple[dict[str, float], list[str]]:
-        """This interval's peak rates, their ratio to the profile, features past it; resets."""
-        rows, self._interval = self._interval, []
-        if not rows:
-            return {}, []
-        scores: dict[str, float] = {"host_samples": float(len(rows))}
-        top: list[str] = []
-        for m in METRICS:
-            peak = max(r[m] for r in rows)
-            scores[f"host_{m}"] = round(peak, 4)
-            if m in self.profile:
-                ratio = peak / max(self.profile[m], FLOORS[m])
-                scores[f"host_{m}_vs_profile"] = round(ratio, 4)
-                if ratio > 1.0:
-                    top.append(f"host: {m} {peak:.3g} = {ratio:.2f}x profile max")
-        if self.last is not None:
-            scores["host_running"] = 1.0 if self.last.status == "running" else 0.0
-        return scores, top
+    def _extra_scores(self) -> dict[str, float]:
+        if self.last is None:
+            return {}
+        return {"host_running": 1.0 if self.last.status == "running" else 0.0}
