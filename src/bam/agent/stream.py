@@ -58,7 +58,14 @@ class LiveSensor:
     agent's resident memory (16 MiB cost 35 MB here), and the agent drains it every 20 ms.
     """
 
-    def __init__(self, target: Target, *, backend: str = "auto", trim_tid: int | None = None):
+    def __init__(
+        self,
+        target: Target,
+        *,
+        backend: str = "auto",
+        trim_tid: int | None = None,
+        ring_bytes: int = 4 << 20,
+    ):
         choice = choose(backend)
         if choice.backend != "ebpf":
             raise SensorUnavailableError(
@@ -68,7 +75,9 @@ class LiveSensor:
         from bam.sensors.ebpf import EbpfSyscallSensor
 
         self.choice = choice
-        self.sensor = EbpfSyscallSensor(target, args=False, flush_age_ms=50.0, ring_bytes=4 << 20)
+        self.sensor = EbpfSyscallSensor(
+            target, args=False, flush_age_ms=50.0, ring_bytes=ring_bytes
+        )
         self.trim_tid = trim_tid
         self.events = 0
         self._dropped = 0
