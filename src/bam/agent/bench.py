@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bam.agent.embedded import EmbeddedServer
+from bam.agent.runner import rss_mb
 from bam.errors import BamError
 
 WORKLOAD = textwrap.dedent(
@@ -61,13 +62,6 @@ def _proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of one process (its own threads, not children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _iterations(log: Path, t0: float, t1: float) -> tuple[list[float], list[float]]:
@@ -168,7 +162,7 @@ def bench_agent(
             cpu0, on0 = _proc_cpu_s(agent.pid), time.monotonic()
             rss_peak = 0.0
             while time.monotonic() < on0 + phase_s:
-                rss_peak = max(rss_peak, _rss_mb(agent.pid))
+                rss_peak = max(rss_peak, rss_mb(agent.pid))
                 time.sleep(0.5)
             on = (on0, time.monotonic())
             agent_cpu = (_proc_cpu_s(agent.pid) - cpu0) / (on[1] - on[0])

@@ -34,7 +34,9 @@ from bam.events import SyscallBatch, Trace
 def write_profile(path: Path, batch: SyscallBatch, slices: int) -> None:
     """Write ``batch`` (any order) as a time-ordered profile cut into ``slices`` slices."""
     order = np.argsort(batch.ts, kind="stable")
-    cuts = np.array([c[0] for c in np.array_split(np.arange(len(order)), slices) if len(c)])
+    # the starts of np.array_split's parts (the first n % k parts one longer), empty ones dropped
+    n, k = len(order), max(1, min(slices, len(order)))
+    cuts = np.arange(k) * (n // k) + np.minimum(np.arange(k), n % k)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_suffix(".tmp.npz")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -487,8 +487,9 @@ class TargetMonitor:
         ``fallback`` (the rule's label) when it finds the window benign-looking."""
         assert self.classifier is not None
         clf = self.classifier
-        proba = clf.predict_proba([segment])[0]
-        p_attack = float(clf.score([segment])[0])
+        probas = clf.predict_proba([segment])
+        p_attack = float(clf.attack_probability(probas)[0])
+        proba = probas[0]
         k = int(proba.argmax())
         if clf.classes_[k] == clf.benign_label or p_attack < 0.5:
             return fallback, round(p_attack, 4)

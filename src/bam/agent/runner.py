@@ -41,10 +41,10 @@ log = logging.getLogger("bam.agent")
 Event = dict[str, Any]
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now (MiB), from ``/proc/self/status``."""
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of a process (default: this one) now, MiB, from ``/proc/PID/status``."""
     try:
-        for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
+        for line in open(f"/proc/{pid}/status").read().splitlines():  # noqa: SIM115
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:

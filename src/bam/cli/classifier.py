@@ -128,7 +128,7 @@ def predict(
         if not data:
             raise BamError("no traces found in the given paths")
         proba = clf.predict_proba(data)
-        attack = clf.score(data)
+        attack = clf.attack_probability(proba)
         rows: list[dict[str, Any]] = []
         for t, p, a in zip(data, proba, attack, strict=True):
             k = int(p.argmax())

@@ -465,8 +465,11 @@ class AttackClassifier:
 
     def score(self, docs: Sequence[Doc]) -> F64:
         """Anomaly score ``1 - P(benign)`` (higher = more likely an attack), like the detectors."""
-        p = self.predict_proba(docs)
-        out: F64 = 1.0 - p[:, self.classes_.index(self.benign_label)]
+        return self.attack_probability(self.predict_proba(docs))
+
+    def attack_probability(self, proba: F64) -> F64:
+        """``1 - P(benign)`` from :meth:`predict_proba`'s output (no second pass over docs)."""
+        out: F64 = 1.0 - proba[:, self.classes_.index(self.benign_label)]
         return out
 
     def attack_score(self, docs: Sequence[Doc]) -> F64:
