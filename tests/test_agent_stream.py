@@ -30,8 +30,12 @@ def test_losses_are_reported_and_reset_the_context(tmp_path: Path) -> None:
         got += len(live.take())
         lost = live.take_dropped()
         assert lost > 0
-        assert got + lost >= 2_000_000  # nothing vanishes: delivered or counted as lost
         assert live.take_dropped() == 0  # reported once
+        # losses still pending when the loop exited (their in-stream mark could not be
+        # written either) are counted by the kernel and read at close
+        cap = live.close()
+        assert lost <= cap.drops
+        assert got + len(cap) + cap.drops >= 2_000_000  # nothing vanishes unaccounted
     finally:
         live.close()
         cmd.kill()
