@@ -98,16 +98,24 @@ def test_bench_server_json_shape(home: Path) -> None:
         "0.5",
         "--workers",
         "1",
+        "--batch",
+        "1",
+        "--batch",
+        "4",
     )
     assert code == 0, out + err
     result = json.loads(out)
-    (run,) = result["runs"]
-    for key in ("database", "agents", "evidence_per_s", "p50_ms", "p99_ms", "errors"):
-        assert key in run
-    assert run["database"] == "sqlite"
-    assert run["agents"] == 2
-    assert run["evidence_per_s"] > 0
-    assert run["errors"] == 0
+    single, batched = result["runs"]
+    for run in (single, batched):
+        for key in ("database", "agents", "evidence_per_s", "p50_ms", "p99_ms", "errors"):
+            assert key in run
+        assert run["database"] == "sqlite"
+        assert run["agents"] == 2
+        assert run["evidence_per_s"] > 0
+        assert run["errors"] == 0
+    assert (single["batch"], batched["batch"]) == (1, 4)
+    # every measured request of the batched run carried 4 stored tokens
+    assert batched["measured"] == 4 * round(batched["requests_per_s"] * batched["duration_s"])
     assert run["p50_ms"] <= run["p99_ms"]
     assert run["stored_total"] >= run["measured"]
     assert os.cpu_count() == result["cpus"]

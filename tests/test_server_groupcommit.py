@@ -226,7 +226,7 @@ def test_service_applies_a_policy_change_to_the_next_evidence(tmp_path: Path) ->
                 builder.build(nonce, make_measurements("pc-wl"), make_behavior()).token
             )
 
-        first = send(svc.challenge(agent)[0])
+        first = send(svc.challenge(agent)[0][0])
         assert first.result["status"] == "affirming"
         strict = default_source().replace('else := "affirming"', 'else := "warning"')
         svc.set_policy(strict, "test")

@@ -521,7 +521,7 @@ def test_evidence_hot_path_counts_rate_and_rolls_back_on_refusal(
             return builder.build(nonce, make_measurements(name), make_behavior()).token
 
         # register_workload was request 1
-        first = build(svc.challenge(agent)[0])  # request 2
+        first = build(svc.challenge(agent)[0][0])  # request 2
         out = svc.submit_evidence(first)  # request 3
         assert (out.duplicate, out.seq, out.result["status"]) == (False, 1, "affirming")
         assert out.next_nonce is not None

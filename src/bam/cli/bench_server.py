@@ -29,6 +29,14 @@ def bench_server_cmd(
     tls: Annotated[
         bool, typer.Option("--tls/--no-tls", help="HTTPS between agents and server.")
     ] = False,
+    batch: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--batch",
+            help="Tokens per request, one per workload (repeatable; default 1 and 8: each "
+            "database is run one token per request and in batches of 8).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """N agent processes send real signed evidence over HTTP; report evidence/s, p50/p99, errors."""
@@ -42,13 +50,15 @@ def bench_server_cmd(
             warmup_s=warmup,
             workers=workers,
             tls=tls,
+            batches=batch or [1, 8],
         )
     if as_json:
         print_json(result)
         return
     for run in result["runs"]:
         console.print(
-            f"{run['database']:<11} agents {run['agents']:>3}  {run['evidence_per_s']:>8.1f} evidence/s  "
+            f"{run['database']:<11} agents {run['agents']:>3}  batch {run['batch']:>2}  "
+            f"{run['evidence_per_s']:>8.1f} evidence/s  "
             f"p50 {run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms  errors {run['errors']}",
             highlight=False,
         )

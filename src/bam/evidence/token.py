@@ -20,6 +20,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -177,10 +178,14 @@ class EvidenceBuilder:
     ``tpm`` (optional) adds a quote whose qualifying data binds the nonce and every other
     claim; without it the token is still complete — nothing here assumes a TPM.
 
-    Submodule models are immutable, so the JSON of the last few measurement and behaviour
-    objects is cached by identity: consecutive windows usually carry the same measurements,
-    and re-serialising them dominated the cost of a token.
+    Submodule models are immutable, so the JSON of the most recently used measurement and
+    behaviour objects is cached by identity: consecutive windows usually carry the same
+    measurements, and re-serialising them dominated the cost of a token. The cache holds
+    enough for an agent that watches many workloads (one measurements object each).
     """
+
+    FRAGMENTS = 128
+    """Cached submodule serialisations (least recently used dropped first)."""
 
     def __init__(
         self,
@@ -206,18 +211,19 @@ class EvidenceBuilder:
             compact_json({"alg": signer.alg, "typ": TOKEN_TYP, "kid": self.kid})
         )
         self._ak_jwk: dict[str, str] | None = None
-        self._fragments: dict[int, tuple[BaseModel, dict[str, Any], str]] = {}
+        self._fragments: OrderedDict[int, tuple[BaseModel, dict[str, Any], str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _fragment(self, model: BaseModel) -> tuple[dict[str, Any], str]:
         hit = self._fragments.get(id(model))
         if hit is not None and hit[0] is model:
+            self._fragments.move_to_end(id(model))
             return hit[1], hit[2]
         value = model.model_dump(mode="json", exclude_none=True)
         text = _json(value)
-        if len(self._fragments) >= 8:
-            self._fragments.clear()
         self._fragments[id(model)] = (model, value, text)
+        if len(self._fragments) > self.FRAGMENTS:
+            self._fragments.popitem(last=False)
         return value, text
 
     def build(

@@ -120,12 +120,13 @@ def _agent_main(
     verify: bool | str,
     warmup_s: float,
     duration_s: float,
+    batch: int,
     ready: Connection,
     go: Event,
 ) -> None:
     import httpx
 
-    from bam.evidence.claims import BehaviorCounts, BehaviorSummary, Target
+    from bam.evidence.claims import BehaviorCounts, Target
     from bam.evidence.keys.software import SoftwareSigner
     from bam.evidence.measure import collect_measurements, measure_process
     from bam.evidence.token import EvidenceBuilder
@@ -135,15 +136,20 @@ def _agent_main(
     try:
         signer = SoftwareSigner.generate()
         proc = measure_process(os.getpid())
-        measurements = collect_measurements(
-            Target(kind="process", name=name, pid=proc.pid), files=proc.files[:24]
-        )
+        names = [name] if batch == 1 else [f"{name}-{j:02d}" for j in range(batch)]
+        measured_files = [
+            collect_measurements(
+                Target(kind="process", name=n, pid=proc.pid), files=proc.files[:24]
+            )
+            for n in names
+        ]
         setup = httpx.Client(base_url=url, verify=tls_verify(verify), timeout=30.0)
         client = AgentClient(url, signer, client=setup)
         lean = _LeanHttp(url, verify)
         client.enrol(token, name)
-        client.register_workload(name, "process", 3600.0)
-        nonce = client.challenge()
+        for n in names:
+            client.register_workload(n, "process", 3600.0)
+        nonces = client.challenges(batch)
         builder = EvidenceBuilder(signer)
         rng = random.Random()  # noqa: S311  (simulated scores, not secrets)
         counts = BehaviorCounts(new_processes=0, new_listening_ports=0, exec_mappings=0)
@@ -164,44 +170,40 @@ def _agent_main(
         if cpu_from is None and now >= measure_from:
             cpu_from = time.process_time()
         window += 10.0
-        behavior = BehaviorSummary(
-            window_start=window - 10.0,
-            window_end=window,
-            baseline_id="0" * 64,
-            scores={
-                "ngram": rng.uniform(0, 0.3),
-                "hmm": rng.uniform(0, 8),
-                "gmm": rng.uniform(0, 2),
-            },
-            thresholds={"ngram": 0.3, "hmm": 9.1, "gmm": 2.0},
-            severity="none",
-            label="normal",
-            probability=round(rng.uniform(0.9, 1.0), 3),
-            top_features=["openat->read", "read->close", "mmap->mprotect"],
-            counts=counts,
-            raw_log_sha256=f"{rng.getrandbits(256):064x}",
-        )
-        token_text = builder.build(nonce, measurements, behavior).token
+        tokens = []
+        for nonce, measurements in zip(nonces, measured_files, strict=True):
+            behavior = _behavior(rng, window, counts)
+            tokens.append(builder.build(nonce, measurements, behavior).token)
         measured = now >= measure_from
+        items: list[dict[str, Any]] = []
+        stored: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         try:
-            status, data = lean.post_json("/v1/evidence", {"token": token_text})
+            if batch == 1:
+                status, data = lean.post_json("/v1/evidence", {"token": tokens[0]})
+                items = [{"status": status, "evidence": data}] if status == 200 else []
+            else:
+                status, data = lean.post_json("/v1/evidence/batch", {"tokens": tokens})
+                items = data["items"] if status == 200 else []
             dt = time.perf_counter() - t0
-            if status == 200:
-                nonce = data["next_challenge"]["nonce"]
+            stored = [it for it in items if it["status"] == 200]
+            if len(stored) == batch:
+                nonces = [it["evidence"]["next_challenge"]["nonce"] for it in stored]
                 if measured:
                     out["latencies"].append(dt)
-                    out["ok"] += 1
+                    out["ok"] += batch
                 continue
-            reason = data.get("reason", f"http_{status}")
+            failed = [it.get("reason", f"http_{it['status']}") for it in items if it not in stored]
+            reason = failed[0] if failed else data.get("reason", f"http_{status}")
         except (OSError, ValueError, KeyError, TypeError) as e:
             lean.reset()
             reason = type(e).__name__
         if measured:
-            out["errors"] += 1
+            out["ok"] += len(stored)
+            out["errors"] += batch - len(stored)
             reasons[reason] += 1
         try:
-            nonce = client.challenge()
+            nonces = client.challenges(batch)
         except Exception:
             time.sleep(0.05)
     out["reasons"] = dict(reasons)
@@ -209,6 +211,29 @@ def _agent_main(
     lean.reset()
     setup.close()
     ready.send(out)
+
+
+def _behavior(rng: random.Random, window: float, counts: Any) -> Any:
+    """A behaviour summary whose scores change every window (as a live one's do)."""
+    from bam.evidence.claims import BehaviorSummary
+
+    return BehaviorSummary(
+        window_start=window - 10.0,
+        window_end=window,
+        baseline_id="0" * 64,
+        scores={
+            "ngram": rng.uniform(0, 0.3),
+            "hmm": rng.uniform(0, 8),
+            "gmm": rng.uniform(0, 2),
+        },
+        thresholds={"ngram": 0.3, "hmm": 9.1, "gmm": 2.0},
+        severity="none",
+        label="normal",
+        probability=round(rng.uniform(0.9, 1.0), 3),
+        top_features=["openat->read", "read->close", "mmap->mprotect"],
+        counts=counts,
+        raw_log_sha256=f"{rng.getrandbits(256):064x}",
+    )
 
 
 class _ProcessTreeCpu:
@@ -243,7 +268,13 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _run_one(
-    database: str, agents: int, duration_s: float, warmup_s: float, workers: int, tls: bool
+    database: str,
+    agents: int,
+    duration_s: float,
+    warmup_s: float,
+    workers: int,
+    tls: bool,
+    batch: int = 1,
 ) -> dict[str, Any]:
     from contextlib import ExitStack
 
@@ -294,6 +325,7 @@ def _run_one(
                     verify,
                     warmup_s,
                     duration_s,
+                    batch,
                     child,
                     go,
                 ),
@@ -338,7 +370,9 @@ def _run_one(
     return {
         "database": database,
         "agents": agents,
+        "batch": batch,
         "evidence_per_s": round(ok / duration_s, 1),
+        "requests_per_s": round(len(latencies) / duration_s, 1),
         "p50_ms": round(_percentile(latencies, 0.5) * 1000, 2),
         "p99_ms": round(_percentile(latencies, 0.99) * 1000, 2),
         "errors": sum(r["errors"] for r in results),
@@ -397,7 +431,20 @@ def bench_server(
     warmup_s: float = 2.0,
     workers: int = 2,
     tls: bool = False,
+    batches: list[int] | tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
-    """One run per database; shape ``{"runs": [{database, agents, evidence_per_s, ...}]}``."""
-    runs = [_run_one(db, agents, duration_s, warmup_s, workers, tls) for db in databases]
+    """One run per database and batch size.
+
+    Shape ``{"runs": [{database, agents, batch, evidence_per_s, p50_ms, p99_ms, errors, ...}]}``;
+    with ``batch`` > 1 each agent watches that many workloads and sends one token per workload
+    per request (``POST /v1/evidence/batch``); latency is then per request.
+    """
+    for k in batches:
+        if not 1 <= k <= 64:
+            raise BamError(f"--batch {k}: expected 1 to 64 tokens per request")
+    runs = [
+        _run_one(db, agents, duration_s, warmup_s, workers, tls, k)
+        for db in databases
+        for k in batches
+    ]
     return {"runs": runs, "cpus": os.cpu_count()}

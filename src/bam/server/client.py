@@ -106,10 +106,20 @@ class AgentClient:
     def challenge(self) -> str:
         return str(self._signed("POST", "/v1/challenge")["nonce"])
 
+    def challenges(self, count: int) -> list[str]:
+        """``count`` nonces at once, one per token of a batch."""
+        return [str(n) for n in self._signed("POST", f"/v1/challenge?count={count}")["nonces"]]
+
     def submit(self, token: str) -> dict[str, Any]:
         """POST one evidence token (authenticated by its own signature)."""
         out: dict[str, Any] = _check(self.http.post("/v1/evidence", json={"token": token}))
         return out
+
+    def submit_batch(self, tokens: list[str]) -> list[dict[str, Any]]:
+        """POST several tokens of this agent's chain, in order; one item per token."""
+        out = _check(self.http.post("/v1/evidence/batch", json={"tokens": tokens}))
+        items: list[dict[str, Any]] = out["items"]
+        return items
 
     def actions(self, after: int = 0, wait: float = 0.0) -> list[dict[str, Any]]:
         out = self._signed("GET", f"/v1/actions?after={after}&wait={wait:g}")

@@ -85,6 +85,8 @@ class ChallengeOut(BaseModel):
     nonce: str
     expires_at: float
     ttl_s: float
+    nonces: list[str] | None = None
+    """Every nonce issued (``nonce`` first) when several were asked for (``?count=``)."""
 
 
 class EvidenceIn(_In):
@@ -120,6 +122,27 @@ class EvidenceOut(BaseModel):
     result: ResultOut
     next_challenge: ChallengeOut | None
     """A fresh nonce for the next token (saves a round trip); ``None`` on a duplicate."""
+
+
+class EvidenceBatchIn(_In):
+    tokens: Annotated[
+        list[Annotated[str, StringConstraints(min_length=16, max_length=1 << 20)]],
+        Field(min_length=1, max_length=64),
+    ]
+    """One agent's tokens in chain order, each over its own nonce."""
+
+
+class EvidenceBatchItem(BaseModel):
+    status: int
+    """200 (stored, or a duplicate), else the status the token alone would have got."""
+    evidence: EvidenceOut | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class EvidenceBatchOut(BaseModel):
+    items: list[EvidenceBatchItem]
+    """One per token, in order; processing stops at the first rejection (424 after it)."""
 
 
 class EvidenceRow(BaseModel):

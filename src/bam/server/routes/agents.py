@@ -29,6 +29,7 @@ from bam.server.schemas import (
     WorkloadOut,
 )
 from bam.server.service import Service
+from bam.server.service.evidence import MAX_NONCES
 
 router = APIRouter(prefix="/v1", tags=["agents"])
 
@@ -58,10 +59,21 @@ def register_workload(body: WorkloadIn, agent: AgentRow, svc: Svc) -> WorkloadOu
 
 
 @router.post("/challenge", response_model=ChallengeOut)
-def challenge(agent: AgentRow, svc: Svc) -> ChallengeOut:
-    """A single-use nonce for this agent's next evidence (expires within 60 s)."""
-    nonce, expires = svc.challenge(agent)
-    return ChallengeOut(nonce=nonce, expires_at=expires, ttl_s=svc.settings.nonce_ttl_s)
+def challenge(
+    agent: AgentRow, svc: Svc, count: Annotated[int, Query(ge=1, le=MAX_NONCES)] = 1
+) -> ChallengeOut:
+    """A single-use nonce for this agent's next evidence (expires within 60 s).
+
+    ``count`` > 1 issues that many (``nonces``), one per token of a batch
+    (``POST /v1/evidence/batch``).
+    """
+    issued = svc.challenge(agent, count)
+    return ChallengeOut(
+        nonce=issued[0][0],
+        expires_at=issued[0][1],
+        ttl_s=svc.settings.nonce_ttl_s,
+        nonces=[n for n, _ in issued],
+    )
 
 
 @router.get("/actions", response_model=ActionList)

@@ -24,12 +24,14 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from bam.server import deps, metrics
 from bam.server.errors import ServerError
-from bam.server.schemas import EvidenceIn, EvidenceOut
+from bam.server.schemas import EvidenceBatchIn, EvidenceBatchOut, EvidenceIn, EvidenceOut
 from bam.server.service import EvidenceOutcome, Service
+from bam.server.service.evidence_batch import MAX_BATCH, BatchItem
 
 router = APIRouter(prefix="/v1", tags=["agents"])
 
 PATH = "/v1/evidence"
+BATCH_PATH = "/v1/evidence/batch"
 MIN_TOKEN, MAX_TOKEN = 16, 1 << 20  # as EvidenceIn
 
 Scope = MutableMapping[str, Any]
@@ -60,8 +62,42 @@ async def submit(svc: Service, guards: deps.Guards, address: str, token: str) ->
     return response_body(out, svc.settings.nonce_ttl_s)
 
 
+async def submit_batch(svc: Service, guards: deps.Guards, address: str, tokens: list[str]) -> bytes:
+    """Submit one agent's ``tokens`` (see :mod:`bam.server.service.evidence_batch`)."""
+    guards.check_failures(address)
+    metrics.EVIDENCE_RECEIVED.inc(len(tokens))
+    try:
+        items = await svc.submit_evidence_batch_async(tokens)
+    except ServerError as e:
+        metrics.EVIDENCE_REJECTED.labels(e.reason).inc(len(tokens))
+        if e.status == 401:
+            guards.record_failure(address)
+        raise
+    docs = []
+    for item in items:
+        docs.append(_batch_item(item, svc.settings.nonce_ttl_s))
+    return json.dumps({"items": docs}, separators=(",", ":")).encode()
+
+
+def _batch_item(item: BatchItem, ttl_s: float) -> dict[str, Any]:
+    if isinstance(item, ServerError):
+        metrics.EVIDENCE_REJECTED.labels(item.reason).inc()
+        return {"status": item.status, "reason": item.reason, "message": item.message}
+    if item.duplicate:
+        metrics.EVIDENCE_DUPLICATE.inc()
+    else:
+        metrics.EVIDENCE_VERIFIED.inc()
+        metrics.DECISIONS.labels(item.result["status"], item.result["action"]).inc()
+    return {"status": 200, "evidence": response_doc(item, ttl_s)}
+
+
 def response_body(out: EvidenceOutcome, ttl_s: float) -> bytes:
     """The :class:`~bam.server.schemas.EvidenceOut` document, serialised once."""
+    return json.dumps(response_doc(out, ttl_s), separators=(",", ":")).encode()
+
+
+def response_doc(out: EvidenceOutcome, ttl_s: float) -> dict[str, Any]:
+    """The :class:`~bam.server.schemas.EvidenceOut` document."""
     r = out.result
     nxt = None
     if out.next_nonce is not None:
@@ -91,7 +127,7 @@ def response_body(out: EvidenceOutcome, ttl_s: float) -> bytes:
         },
         "next_challenge": nxt,
     }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return body
 
 
 @router.post("/evidence", response_model=EvidenceOut)
@@ -104,10 +140,28 @@ async def submit_evidence(
     return Response(data, media_type="application/json")
 
 
+@router.post("/evidence/batch", response_model=EvidenceBatchOut)
+async def submit_evidence_batch(
+    body: EvidenceBatchIn, request: Request, svc: Annotated[Service, Depends(deps.service)]
+) -> Response:
+    """Submit several tokens of one agent's chain, in order, each over its own nonce.
+
+    Each token is verified and appraised as if sent alone; one answer per token. Processing
+    stops at the first rejected token (the ones after it: 424 ``batch_aborted``).
+    """
+    guards: deps.Guards = request.app.state.guards
+    data = await submit_batch(svc, guards, deps.client_address(request), body.tokens)
+    return Response(data, media_type="application/json")
+
+
 class _Route:
     """What the latency metric reads from ``scope["route"]`` (the route template)."""
 
     path = PATH
+
+
+class _BatchRoute:
+    path = BATCH_PATH
 
 
 class EvidenceEndpoint:
@@ -117,10 +171,15 @@ class EvidenceEndpoint:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
+        if (
+            scope["type"] != "http"
+            or scope["path"] not in (PATH, BATCH_PATH)
+            or scope["method"] != "POST"
+        ):
             await self.app(scope, receive, send)
             return
-        scope["route"] = _Route
+        batch = scope["path"] == BATCH_PATH
+        scope["route"] = _BatchRoute if batch else _Route
         state = scope["app"].state
         client = scope.get("client")
         address = client[0] if client else "unknown"
@@ -128,7 +187,11 @@ class EvidenceEndpoint:
             body = await _body(receive)
             if body is None:
                 return  # the client went away: nobody to answer
-            data = await submit(state.service, state.guards, address, _token(scope, body))
+            if batch:
+                tokens = _tokens(scope, body)
+                data = await submit_batch(state.service, state.guards, address, tokens)
+            else:
+                data = await submit(state.service, state.guards, address, _token(scope, body))
         except ServerError as e:
             payload = {"reason": e.reason, "message": e.message}
             await _respond(send, e.status, json.dumps(payload).encode(), e.headers)
@@ -150,6 +213,21 @@ async def _body(receive: Receive) -> bytes | None:
 
 def _token(scope: Scope, body: bytes) -> str:
     """``body``'s token, checked as :class:`EvidenceIn` would (same reason code)."""
+    return _check_token(_object(scope, body, "token").get("token"), "body.token")
+
+
+def _tokens(scope: Scope, body: bytes) -> list[str]:
+    """``body``'s tokens, checked as :class:`EvidenceBatchIn` would."""
+    tokens = _object(scope, body, "tokens").get("tokens")
+    if not isinstance(tokens, list):
+        raise ServerError(422, "request_invalid", "body.tokens: a list is required")
+    if not 1 <= len(tokens) <= MAX_BATCH:
+        raise ServerError(422, "request_invalid", f"body.tokens: must have 1 to {MAX_BATCH} items")
+    return [_check_token(t, f"body.tokens.{i}") for i, t in enumerate(tokens)]
+
+
+def _object(scope: Scope, body: bytes, member: str) -> dict[str, Any]:
+    """``body`` as a JSON object whose only member is ``member`` (checked, not required)."""
     content_type = b""
     for name, value in scope["headers"]:
         if name == b"content-type":
@@ -162,19 +240,22 @@ def _token(scope: Scope, body: bytes) -> str:
         raise ServerError(422, "request_invalid", "body: JSON decode error") from None
     if not isinstance(doc, dict):
         raise ServerError(422, "request_invalid", 'body: must be an object {"token": ...}')
-    extra = sorted(k for k in doc if k != "token")
+    extra = sorted(k for k in doc if k != member)
     if extra:
         raise ServerError(
             422, "request_invalid", f"body.{extra[0]}: Extra inputs are not permitted"
         )
-    token = doc.get("token")
+    return doc
+
+
+def _check_token(token: Any, where: str) -> str:
     if not isinstance(token, str):
-        raise ServerError(422, "request_invalid", "body.token: a string is required")
+        raise ServerError(422, "request_invalid", f"{where}: a string is required")
     if not MIN_TOKEN <= len(token) <= MAX_TOKEN:
         raise ServerError(
             422,
             "request_invalid",
-            f"body.token: must have {MIN_TOKEN} to {MAX_TOKEN} characters",
+            f"{where}: must have {MIN_TOKEN} to {MAX_TOKEN} characters",
         )
     return token
 

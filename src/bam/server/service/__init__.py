@@ -10,6 +10,7 @@ methods as a mixin over :class:`~bam.server.service.core.ServiceCore`:
 ``appraisal``             decide (policy + hold) and store a result (compare-and-set)
 ``enrolment``             enrolment tokens, enrolment, agent request signatures
 ``evidence``              challenges; verify, appraise and store one evidence token
+``evidence_batch``        several tokens of one agent's chain per request
 ``staleness``             stale marks for silent workloads; purge of spent rows
 ``workloads``             registration and reference values
 ``operators``             operator tokens and hold acknowledgements
@@ -27,7 +28,8 @@ from bam.evidence.keys.software import SoftwareSigner
 from bam.server.service.actions import ActionsMixin
 from bam.server.service.core import AC, AU, OT, A, E, N, P, R, S, ServiceCore, T, W
 from bam.server.service.enrolment import EnrolmentMixin
-from bam.server.service.evidence import EvidenceMixin, EvidenceOutcome
+from bam.server.service.evidence import EvidenceOutcome
+from bam.server.service.evidence_batch import EvidenceBatchMixin
 from bam.server.service.operators import OperatorsMixin
 from bam.server.service.secrets import SecretsMixin
 from bam.server.service.staleness import StalenessMixin
@@ -54,7 +56,7 @@ __all__ = [
 
 class Service(
     EnrolmentMixin,
-    EvidenceMixin,
+    EvidenceBatchMixin,
     StalenessMixin,
     WorkloadsMixin,
     OperatorsMixin,

@@ -21,7 +21,7 @@ import functools
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, insert, select
@@ -49,6 +49,9 @@ from bam.server.service.appraisal import (
 )
 from bam.server.service.core import E, N, R, dumps, nonce_hash
 from bam.server.service.queries import QueriesMixin, result_out
+
+MAX_NONCES = 64
+"""Nonces per challenge request (as tokens per batch)."""
 
 # Verification failures and the HTTP status they answer with.
 _UNAUTHENTICATED = {"unknown_key", "bad_signature", "alg_key_mismatch", "ueid_mismatch"}
@@ -94,6 +97,44 @@ class _Write:
     """The answer, from ``(evidence_id, result_id)`` once the write has committed."""
 
 
+@dataclass
+class _Carry:
+    """State that earlier tokens of a batch will write, for the tokens after them.
+
+    A batch is appraised before any of it is written, so the stored chain head and workload
+    rows are one or more tokens behind; this overlays what the pending writes will set. The
+    write transaction still re-checks everything (compare-and-set on ``last_seq`` and
+    ``version``), so a wrong overlay can only make a write fail, never store a broken chain.
+    """
+
+    agent: dict[str, Any] = field(default_factory=dict)
+    workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def advance(self, w: _Write) -> None:
+        """Overlay what ``w`` writes: the agent's chain head and its workload's row."""
+        p = w.params
+        self.agent = {
+            "last_seq": p["seq"],
+            "last_digest": p["digest"],
+            "last_nonce": p["nonce"],
+            "tpm_clock": p["tpm_clock"],
+            "tpm_reset": p["tpm_reset"],
+            "tpm_restart": p["tpm_restart"],
+            "tpm_safe": p["tpm_safe"],
+            "tpm_ak": p["tpm_ak"],
+        }
+        self.workloads[w.workload] = {
+            "status": p["status"],
+            "action": p["action"],
+            "severity": p["severity"],
+            "hold": bool(p["hold"]),
+            "hold_since": p["hold_since"],
+            "hold_action": p["hold_action"],
+            "stale": False,
+            "version": p["old"] + 1,
+        }
+
+
 class EvidenceMixin(AppraisalMixin, QueriesMixin):
     """Challenges and evidence."""
 
@@ -111,12 +152,18 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
         )
         return nonce, expires
 
-    def challenge(self, agent: RowMapping) -> tuple[str, float]:
-        """A fresh single-use nonce bound to ``agent`` (expires in ``nonce_ttl_s``)."""
+    def challenge(self, agent: RowMapping, count: int = 1) -> list[tuple[str, float]]:
+        """``count`` fresh single-use nonces bound to ``agent`` (expire in ``nonce_ttl_s``).
+
+        More than one is for a batch of tokens (one nonce each); the request counts once
+        against the agent's rate limit, each evidence then counts on its own.
+        """
+        if not 1 <= count <= MAX_NONCES:
+            raise ServerError(422, "request_invalid", f"count: must be 1 to {MAX_NONCES}")
         now = time.time()
         with self.write() as conn:
             ratelimit.hit(conn, agent["id"], self.settings.agent_requests_per_minute, now)
-            return self._insert_nonce(conn, agent["id"], now)
+            return [self._insert_nonce(conn, agent["id"], now) for _ in range(count)]
 
     def submit_evidence(self, token: str) -> EvidenceOutcome:
         """Verify, appraise and store one evidence token (see the module docstring).
@@ -171,11 +218,14 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
             return prepared.outcome(ids)
         raise _conflict()
 
-    def _prepare(self, cur: Any, text: str, digest: str, kid: str) -> EvidenceOutcome | _Write:
+    def _prepare(
+        self, cur: Any, text: str, digest: str, kid: str, carry: _Carry | None = None
+    ) -> EvidenceOutcome | _Write:
         """Everything before the write: reads, verification, policy, the signed EAR.
 
         Returns the stored outcome for a retry of a token already accepted (a duplicate), or
-        the write to perform.
+        the write to perform. ``carry``: what earlier, not yet written tokens of the same
+        batch will have changed.
         """
         limit = self.settings.agent_requests_per_minute
         now = time.time()
@@ -194,7 +244,9 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
                 return dup
         if used is not None and used >= limit:
             raise ratelimit.limited(agent["id"], limit, now)
-        return self._appraise_evidence(cur, text, digest, agent, self._vk(agent["jwk"]))
+        if carry is not None:
+            agent.update(carry.agent)
+        return self._appraise_evidence(cur, text, digest, agent, self._vk(agent["jwk"]), carry)
 
     def _duplicate_by_id(self, evidence_id: int, digest: str) -> EvidenceOutcome | None:
         with self.read() as conn:
@@ -267,6 +319,7 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
         digest: str,
         agent: dict[str, Any],
         vk: VerificationKey,
+        carry: _Carry | None = None,
     ) -> _Write:
         now = time.time()
         verified, missing = self._verify(text, agent, vk, now)
@@ -282,6 +335,8 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
             )
         wl = dict(zip(hot.WORKLOAD_COLUMNS, row, strict=False))
         wl["hold"], wl["stale"] = bool(wl["hold"]), bool(wl["stale"])
+        if carry is not None:
+            wl.update(carry.workloads.get(wl["name"], {}))
         n = len(hot.WORKLOAD_COLUMNS)
         nonce_row = (
             None
