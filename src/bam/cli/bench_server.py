@@ -14,7 +14,7 @@ from bam.cli.bench import app as bench_app
 def bench_server_cmd(
     agents: Annotated[
         int, typer.Option("--agents", min=1, help="Simulated agents (processes).")
-    ] = 6,
+    ] = 4,
     duration: Annotated[
         float, typer.Option("--duration", min=1, help="Measured seconds per run.")
     ] = 10.0,

@@ -17,7 +17,6 @@ server figure is the throughput a dedicated machine of this speed would sustain.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import random
@@ -32,6 +31,8 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from bam.errors import BamError
 
@@ -85,7 +86,7 @@ class _LeanHttp:
     def post_json(self, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
         import httptools
 
-        body = json.dumps(payload).encode()
+        body = orjson.dumps(payload)
         sock = self._connection()
         sock.sendall(
             b"POST %s HTTP/1.1\r\n%sContent-Length: %d\r\n\r\n%s"
@@ -105,7 +106,7 @@ class _LeanHttp:
                 raise ValueError(f"malformed HTTP response: {e}") from None
         if not parser.should_keep_alive():
             self.reset()
-        return parser.get_status_code(), json.loads(b"".join(self._body))
+        return parser.get_status_code(), orjson.loads(b"".join(self._body))
 
     def reset(self) -> None:
         if self.sock is not None:
@@ -426,7 +427,7 @@ def _ratio(a: float, b: float) -> float | None:
 
 def bench_server(
     databases: list[str] | tuple[str, ...] = ("sqlite", "postgresql"),
-    agents: int = 6,
+    agents: int = 4,
     duration_s: float = 10.0,
     warmup_s: float = 2.0,
     workers: int = 2,

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bam.server import metrics
@@ -402,9 +403,10 @@ class DecisionCache:
     def key(policy: PolicyVersion, document: dict[str, Any]) -> str:
         # Not sorted: equal text still means an equal document, so a hit is always right;
         # the same document with its members in another order is only a miss. The server
-        # builds inputs in one order, so sorting (a third of this cost) bought nothing.
-        text = json.dumps(document, separators=(",", ":"))
-        return hashlib.sha256(f"{policy.sha256}\n{text}".encode()).hexdigest()
+        # builds inputs in one order, so sorting bought nothing. orjson: ~10x json's speed,
+        # and this runs for every evidence.
+        text = orjson.dumps(document)
+        return hashlib.sha256(policy.sha256.encode() + b"\n" + text).hexdigest()
 
     def get(self, key: str) -> Decision | None:
         with self._lock:

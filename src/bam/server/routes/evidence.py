@@ -7,26 +7,31 @@ round trip per evidence.
 It is the one request agents send continuously, so besides the FastAPI route (which documents
 it in OpenAPI and serves it when the app is mounted without middleware) it has a lean ASGI
 path, :class:`EvidenceEndpoint`, installed as middleware: it parses the body once with
-``json``, checks its one member itself, and writes the response bytes once, skipping
+orjson, checks its one member itself, and writes the response bytes once, skipping
 FastAPI's routing, dependency solving and pydantic validation of the request and the response
-(about a millisecond of CPU per request here). Both paths share :func:`submit`; the body size
-limit, security headers, latency metrics and error bodies of the app apply to both.
+(about a millisecond of CPU per request here). Both paths share :func:`submit` (and
+:func:`submit_batch` for ``POST /v1/evidence/batch``); the body size limit, security headers,
+latency metrics and error bodies of the app apply to both. orjson rather than ``json`` here:
+a batch's body is ~70 kB and its answer ~13 kB, which ``json`` parses and writes ~5x slower
+(about 0.2 ms of CPU per batch).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
 
 from bam.server import deps, metrics
 from bam.server.errors import ServerError
 from bam.server.schemas import EvidenceBatchIn, EvidenceBatchOut, EvidenceIn, EvidenceOut
 from bam.server.service import EvidenceOutcome, Service
-from bam.server.service.evidence_batch import MAX_BATCH, BatchItem
+from bam.server.service.evidence_batch import MAX_BATCH
 
 router = APIRouter(prefix="/v1", tags=["agents"])
 
@@ -73,27 +78,35 @@ async def submit_batch(svc: Service, guards: deps.Guards, address: str, tokens: 
         if e.status == 401:
             guards.record_failure(address)
         raise
-    docs = []
+    ttl = svc.settings.nonce_ttl_s
+    docs: list[dict[str, Any]] = []
+    tally: Counter[tuple[str, ...]] = Counter()  # one metrics update per kind, not per token
     for item in items:
-        docs.append(_batch_item(item, svc.settings.nonce_ttl_s))
-    return json.dumps({"items": docs}, separators=(",", ":")).encode()
-
-
-def _batch_item(item: BatchItem, ttl_s: float) -> dict[str, Any]:
-    if isinstance(item, ServerError):
-        metrics.EVIDENCE_REJECTED.labels(item.reason).inc()
-        return {"status": item.status, "reason": item.reason, "message": item.message}
-    if item.duplicate:
-        metrics.EVIDENCE_DUPLICATE.inc()
-    else:
-        metrics.EVIDENCE_VERIFIED.inc()
-        metrics.DECISIONS.labels(item.result["status"], item.result["action"]).inc()
-    return {"status": 200, "evidence": response_doc(item, ttl_s)}
+        if isinstance(item, ServerError):
+            tally[("rejected", item.reason)] += 1
+            docs.append({"status": item.status, "reason": item.reason, "message": item.message})
+            continue
+        if item.duplicate:
+            tally[("duplicate",)] += 1
+        else:
+            tally[("verified",)] += 1
+            tally[("decision", item.result["status"], item.result["action"])] += 1
+        docs.append({"status": 200, "evidence": response_doc(item, ttl)})
+    for key, n in tally.items():
+        if key[0] == "rejected":
+            metrics.EVIDENCE_REJECTED.labels(key[1]).inc(n)
+        elif key[0] == "duplicate":
+            metrics.EVIDENCE_DUPLICATE.inc(n)
+        elif key[0] == "verified":
+            metrics.EVIDENCE_VERIFIED.inc(n)
+        else:
+            metrics.DECISIONS.labels(key[1], key[2]).inc(n)
+    return orjson.dumps({"items": docs})
 
 
 def response_body(out: EvidenceOutcome, ttl_s: float) -> bytes:
     """The :class:`~bam.server.schemas.EvidenceOut` document, serialised once."""
-    return json.dumps(response_doc(out, ttl_s), separators=(",", ":")).encode()
+    return orjson.dumps(response_doc(out, ttl_s))
 
 
 def response_doc(out: EvidenceOutcome, ttl_s: float) -> dict[str, Any]:
@@ -235,8 +248,8 @@ def _object(scope: Scope, body: bytes, member: str) -> dict[str, Any]:
     if content_type and content_type != b"application/json" and not content_type.endswith(b"+json"):
         raise ServerError(422, "request_invalid", "body: must be JSON (application/json)")
     try:
-        doc = json.loads(body)
-    except ValueError:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise ServerError(422, "request_invalid", "body: JSON decode error") from None
     if not isinstance(doc, dict):
         raise ServerError(422, "request_invalid", 'body: must be an object {"token": ...}')
