@@ -22,7 +22,9 @@ def fit(
     traces: Annotated[list[Path], typer.Argument(help="Normal traces (files or folders).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the model.")],
     fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "strace",
-    detector: Annotated[str, typer.Option(help="lm, hmm, stide, t-stide, gmm or ensemble.")] = "lm",
+    detector: Annotated[
+        str, typer.Option(help="lm, catlm, hmm, stide, t-stide, gmm or ensemble.")
+    ] = "lm",
     target_far: Annotated[
         float, typer.Option(help="Target false-alarm rate for the calibrated thresholds.")
     ] = 0.01,

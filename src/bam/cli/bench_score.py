@@ -17,7 +17,7 @@ from bam.cli.evaluate import resolve_adfa
 def bench_score_cmd(
     path: Annotated[Path | None, typer.Argument(help="ADFA-LD folder.")] = None,
     detectors: Annotated[str, typer.Option(help="Comma-separated detectors.")] = (
-        "lm,hmm,stide,t-stide,gmm,ensemble"
+        "lm,catlm,hmm,stide,t-stide,gmm,ensemble"
     ),
     repeat: Annotated[int, typer.Option(min=1, help="Repetitions; the best is kept.")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,

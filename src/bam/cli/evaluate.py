@@ -98,7 +98,7 @@ def adfa_ld(
     ] = None,
     detectors: Annotated[
         str, typer.Option(help="Comma-separated detectors to evaluate.")
-    ] = "lm,hmm,stide,t-stide,gmm,ensemble",
+    ] = "lm,catlm,hmm,stide,t-stide,gmm,ensemble",
     classifier: Annotated[
         bool, typer.Option(help="Also evaluate the supervised classifier.")
     ] = True,

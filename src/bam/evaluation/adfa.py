@@ -27,7 +27,7 @@ from bam.evaluation.metrics import auc, detection_metrics
 from bam.models import make_detector
 from bam.traces.adfa import AdfaDataset
 
-DEFAULT_DETECTORS = ("lm", "hmm", "stide", "t-stide", "gmm", "ensemble")
+DEFAULT_DETECTORS = ("lm", "catlm", "hmm", "stide", "t-stide", "gmm", "ensemble")
 # ADFA-LD traces are whole single processes (75-4,494 calls); frames of 1,000 calls score most of
 # them whole while still localising in the longest ones.
 EVAL_WINDOW = 1000

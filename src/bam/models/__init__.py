@@ -1,6 +1,7 @@
 """Behaviour models: one small interface (``fit``/``score``/``explain``), safe persistence."""
 
 from bam.models.base import CallDetector, Contribution, Detector, registered
+from bam.models.category_lm import CategoryLM
 from bam.models.ensemble import Ensemble
 from bam.models.gmm import GaussianMixtureDensity, HistogramGMM
 from bam.models.hmm import HMM
@@ -8,13 +9,15 @@ from bam.models.ngram_lm import NgramLM
 from bam.models.stide import Stide
 from bam.models.tstide import TStide
 
-DETECTORS = ("lm", "hmm", "stide", "t-stide", "gmm", "ensemble")
+DETECTORS = ("lm", "catlm", "hmm", "stide", "t-stide", "gmm", "ensemble")
 
 
 def make_detector(name: str) -> Detector:
     """A detector with BAM's default parameters, by its CLI name."""
     if name == "lm":
         return NgramLM()
+    if name == "catlm":
+        return CategoryLM()
     if name == "hmm":
         return HMM()
     if name == "stide":
@@ -32,6 +35,7 @@ __all__ = [
     "DETECTORS",
     "HMM",
     "CallDetector",
+    "CategoryLM",
     "Contribution",
     "Detector",
     "Ensemble",
