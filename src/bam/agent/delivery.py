@@ -5,6 +5,19 @@ between signing and the server's answer is resolved without a chain gap. Transpo
 and server-side overload (5xx, 429, 409 conflict) leave everything in place and back off
 (0.25 s doubling to 5 s); a token refused for good (a 4xx that retrying cannot change) is
 logged, its observation dropped and the chain rolled back so later tokens still link.
+
+Batches: when several observations wait (an agent with many targets makes one per target
+per interval), up to ``batch_max`` of the oldest are signed in order, each over its own nonce
+(the ones the previous answers carried while still fresh, ``POST /v1/challenge?count=n`` for
+the rest), committed in flight together and sent as one ``POST /v1/evidence/batch``. The
+answers are handled in order with the single-token rules: each stored token is delivered;
+at the first one not stored, a nonce refusal or ``batch_aborted`` rolls the chain back to
+before it (it and the ones after are signed again), a transient refusal keeps it and the
+ones after in flight (resent verbatim later: stored ones answer ``duplicate``), and a
+refusal for good drops its observation and rolls back the rest. One waiting observation
+takes the single-token path (``POST /v1/evidence``) as before. A server without the batch
+endpoint (404/405) or that refuses a batch as such makes the agent fall back to single
+tokens (a body too large halves the batch size instead).
 """
 
 from __future__ import annotations
@@ -17,15 +30,20 @@ from typing import Any
 
 import httpx
 
-from bam.agent.spool import Spool, SpoolChain
+from bam.agent.spool import InFlight, Spool, SpoolChain
 from bam.evidence.claims import BehaviorSummary, Measurements
-from bam.evidence.token import EvidenceBuilder
+from bam.evidence.token import ChainState, EvidenceBuilder
 from bam.server.client import AgentClient, ApiError
 
 log = logging.getLogger("bam.agent")
 
-NONCE_REASONS = frozenset({"nonce_expired", "nonce_unknown", "nonce_used", "nonce_stale"})
+# a token refused for its nonce was not stored and never can be: sign the observation again
+NONCE_REASONS = frozenset(
+    {"nonce_expired", "nonce_unknown", "nonce_used", "nonce_stale", "nonce_reused"}
+)
 RETRY_STATUS = frozenset({408, 409, 425, 429})
+MAX_BATCH = 64
+"""The server's limit on tokens per batch (and nonces per challenge)."""
 
 
 @dataclass
@@ -47,14 +65,22 @@ class Delivered:
 class Delivery:
     """Moves the spool to the server; :meth:`pump` never raises on a server outage."""
 
-    def __init__(self, spool: Spool, client: AgentClient, builder: EvidenceBuilder) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        client: AgentClient,
+        builder: EvidenceBuilder,
+        *,
+        batch_max: int = 16,
+    ) -> None:
         if not isinstance(builder.chain, SpoolChain):
             raise TypeError("the builder must sign with the spool's chain (SpoolChain)")
         self.spool = spool
         self.client = client
         self.builder = builder
         self.chain: SpoolChain = builder.chain
-        self.nonce: tuple[str, float] | None = None
+        self.batch_max = max(1, min(MAX_BATCH, batch_max))
+        self.nonces: list[tuple[str, float]] = []  # (nonce, expires_at) from answers
         self.backoff_s = 0.0
         self.retry_at = 0.0
         self.down_since: float | None = None
@@ -72,14 +98,17 @@ class Delivery:
             if time.monotonic() < self.retry_at:
                 break
             try:
-                d = self._one()
+                got, retry = self._round(max_items - len(out))
             except (httpx.TransportError, _RetryError) as e:
                 self._failed(str(e) or type(e).__name__)
                 break
-            if d is None:
+            out.extend(got)
+            if retry is not None:  # some were delivered, the rest is kept for later
+                self._failed(retry)
+                break
+            if not got:
                 break
             self._ok()
-            out.append(d)
         return out
 
     def _failed(self, why: str) -> None:
@@ -89,7 +118,7 @@ class Delivery:
         self.last_error = why
         self.backoff_s = min(5.0, max(0.25, self.backoff_s * 2))
         self.retry_at = time.monotonic() + self.backoff_s
-        self.nonce = None
+        self.nonces = []
 
     def _ok(self) -> None:
         if self.down_since is not None:
@@ -97,53 +126,76 @@ class Delivery:
         self.down_since = None
         self.backoff_s = 0.0
 
-    def _get_nonce(self) -> str:
-        if self.nonce is not None and self.nonce[1] - 2.0 > time.time():
-            n = self.nonce[0]
-            self.nonce = None
-            return n
-        self.nonce = None
+    def _get_nonces(self, n: int) -> list[str]:
+        """``n`` nonces: cached ones still fresh first, then new ones from the server."""
+        now = time.time()
+        fresh = [x for x in self.nonces if x[1] - 2.0 > now]
+        got = [x[0] for x in fresh[:n]]
+        self.nonces = fresh[n:]
         try:
-            return self.client.challenge()
+            if n - len(got) == 1:
+                got.append(self.client.challenge())
+            elif n > len(got):
+                try:
+                    got.extend(self.client.challenges(n - len(got)))
+                except (KeyError, TypeError):  # a server without ``count``: one at a time
+                    log.warning("the server issues one nonce per challenge: no batches")
+                    self.batch_max = 1
+                    got.extend(self.client.challenge() for _ in range(n - len(got)))
         except ApiError as e:
             if e.status >= 500 or e.status in RETRY_STATUS:
                 raise _RetryError(str(e)) from None
             raise
+        return got
 
-    def _one(self, attempt: int = 0) -> Delivered | None:
-        inf = self.spool.inflight()
-        if inf is not None:
-            return self._send_inflight(attempt)
-        p = self.spool.oldest()
-        if p is None:
-            return None
-        nonce = self._get_nonce()
-        payload = p.payload
-        behavior_json = dict(payload["behavior"]) if payload.get("behavior") else None
+    def _keep_nonce(self, answer: dict[str, Any]) -> None:
+        nxt = answer.get("next_challenge")
+        if isinstance(nxt, dict) and "nonce" in nxt:
+            self.nonces.append((str(nxt["nonce"]), float(nxt.get("expires_at", time.time() + 30))))
+            del self.nonces[: -self.batch_max]  # the freshest are enough
+
+    def _round(self, limit: int, attempt: int = 0) -> tuple[list[Delivered], str | None]:
+        """Send what is in flight, or sign and send the next (up to ``batch_max``)
+        observations. Returns what was delivered and, when the server asked to retry later
+        after some were delivered, why (otherwise that is raised as :class:`_RetryError`)."""
+        rows = self.spool.inflight_all()
+        if not rows:
+            n = max(1, min(self.batch_max, limit))
+            if not self._sign(n):
+                return [], None
+            rows = self.spool.inflight_all()
+        if len(rows) == 1:
+            return self._send_one(rows[0], limit, attempt)
+        return self._send_batch(rows, limit, attempt)
+
+    def _sign(self, n: int) -> int:
+        """Sign the ``n`` oldest observations and commit them in flight; how many."""
+        todo = self.spool.oldest_n(n)
+        if not todo:
+            return 0
+        nonces = self._get_nonces(len(todo))
         drops = self.spool.take_unreported_drops()
-        if drops and behavior_json is not None:
-            feats = list(behavior_json.get("top_features", []))
-            behavior_json["top_features"] = [*feats, f"spool_dropped={drops}"]
-        ms = Measurements.model_validate_json(json.dumps(payload["measurements"]))
-        beh = (
-            BehaviorSummary.model_validate_json(json.dumps(behavior_json))
-            if behavior_json is not None
-            else None
-        )
         prev = self.spool.chain_state()
-        ev = self.builder.build(nonce, ms, beh)
-        new = self.chain.last_saved
-        assert new is not None
-        assert new.prev == ev.digest
-        self.spool.commit_signed(p.id, prev, new, ev.token)
+        signed: list[tuple[int, ChainState, str]] = []
+        try:
+            for i, (p, nonce) in enumerate(zip(todo, nonces, strict=True)):
+                ms, beh = _claims(p.payload, drops if i == 0 else 0)
+                ev = self.builder.build(nonce, ms, beh)
+                new = self.chain.last_saved
+                assert new is not None
+                assert new.prev == ev.digest
+                signed.append((p.id, new, ev.token))
+                self.chain.overlay = new  # the next one links to this one
+        finally:
+            self.chain.overlay = None
+        self.spool.commit_signed_many(prev, signed)
         if drops:
             self.spool.clear_unreported_drops(drops)
-        return self._send_inflight(attempt)
+        return len(signed)
 
-    def _send_inflight(self, attempt: int = 0) -> Delivered | None:
-        inf = self.spool.inflight()
-        if inf is None:
-            return None
+    def _send_one(
+        self, inf: InFlight, limit: int, attempt: int
+    ) -> tuple[list[Delivered], str | None]:
         p = self.spool.get(inf.pending_id)
         workload = p.workload if p else ""
         payload = p.payload if p else {}
@@ -156,17 +208,20 @@ class Delivery:
                 self.spool.rollback_inflight()
                 if attempt >= 2:  # e.g. a clock far off: back off rather than spin
                     raise _RetryError(f"nonce refused {attempt + 1} times: {e}") from None
-                return self._one(attempt + 1)
+                return self._round(limit, attempt + 1)
             if e.status >= 500 or e.status in RETRY_STATUS:
                 raise _RetryError(str(e)) from None
             log.error("evidence seq %d refused for good: %s; observation dropped", inf.seq, e)
             self.spool.rollback_inflight(drop_observation=True)
-            return Delivered(workload, inf.seq, False, error=str(e), payload=payload)
+            return [Delivered(workload, inf.seq, False, error=str(e), payload=payload)], None
+        return [self._accepted(inf, workload, payload, out)], None
+
+    def _accepted(
+        self, inf: InFlight, workload: str, payload: dict[str, Any], out: dict[str, Any]
+    ) -> Delivered:
         res = out.get("result", {})
-        nxt = out.get("next_challenge")
-        if isinstance(nxt, dict) and "nonce" in nxt:
-            self.nonce = (str(nxt["nonce"]), float(nxt.get("expires_at", time.time() + 30)))
-        self.spool.delivered(res.get("status"), res.get("action"))
+        self._keep_nonce(out)
+        self.spool.delivered(res.get("status"), res.get("action"), seq=inf.seq)
         return Delivered(
             workload,
             inf.seq,
@@ -178,6 +233,103 @@ class Delivery:
             payload=payload,
             sent_at=time.time(),
         )
+
+    def _send_batch(
+        self, rows: list[InFlight], limit: int, attempt: int
+    ) -> tuple[list[Delivered], str | None]:
+        obs = [self.spool.get(r.pending_id) for r in rows]
+        try:
+            items = self.client.submit_batch([r.token for r in rows])
+        except ApiError as e:
+            return self._batch_refused(rows, e, limit, attempt)
+        if len(items) != len(rows):
+            raise _RetryError(f"{len(items)} answers to a batch of {len(rows)}")
+        out: list[Delivered] = []
+        for i, (inf, item) in enumerate(zip(rows, items, strict=True)):
+            p = obs[i]
+            workload = p.workload if p else ""
+            payload = p.payload if p else {}
+            status = int(item.get("status", 0))
+            if status == 200:
+                out.append(self._accepted(inf, workload, payload, item["evidence"]))
+                continue
+            err = ApiError(status, str(item.get("reason", "")), str(item.get("message", "")))
+            if err.reason in NONCE_REASONS or err.reason == "batch_aborted":
+                # not stored, nor anything after it: sign them all again
+                log.info(
+                    "seq %d..%d not accepted (%s): signing them again",
+                    inf.seq,
+                    rows[-1].seq,
+                    err.reason,
+                )
+                self.spool.rollback_inflight()
+                if out:
+                    return out, None  # progress: the next round signs them again
+                if attempt >= 2:
+                    raise _RetryError(f"nonce refused {attempt + 1} times: {err}")
+                return self._round(limit, attempt + 1)
+            if status >= 500 or status in RETRY_STATUS:
+                if not out:
+                    raise _RetryError(str(err))
+                return out, str(err)  # the rest stays in flight: resent verbatim later
+            log.error(
+                "evidence seq %d refused for good: %s; observation dropped "
+                "(the %d after it are signed again)",
+                inf.seq,
+                err,
+                len(rows) - i - 1,
+            )
+            self.spool.rollback_inflight(drop_observation=True)
+            out.append(Delivered(workload, inf.seq, False, error=str(err), payload=payload))
+            return out, None
+        return out, None
+
+    def _batch_refused(
+        self, rows: list[InFlight], e: ApiError, limit: int, attempt: int
+    ) -> tuple[list[Delivered], str | None]:
+        """The whole batch request was refused: nothing of it was stored."""
+        if e.status >= 500 or e.status in RETRY_STATUS:
+            raise _RetryError(str(e)) from None
+        if e.status in (401, 403) and e.reason not in NONCE_REASONS:
+            # the first token does not authenticate the agent: as for a single token
+            first = rows[0]
+            p = self.spool.get(first.pending_id)
+            log.error("evidence seq %d refused for good: %s; observation dropped", first.seq, e)
+            self.spool.rollback_inflight(drop_observation=True)
+            return [
+                Delivered(
+                    p.workload if p else "",
+                    first.seq,
+                    False,
+                    error=str(e),
+                    payload=p.payload if p else {},
+                )
+            ], None
+        if e.status == 413:
+            self.batch_max = max(1, len(rows) // 2)
+            log.warning("a batch of %d is too large: now at most %d", len(rows), self.batch_max)
+        elif e.reason not in NONCE_REASONS:
+            self.batch_max = 1
+            log.warning("batch refused (%s): sending one token at a time", e)
+        self.spool.rollback_inflight()
+        if attempt >= 2:
+            raise _RetryError(f"batch refused {attempt + 1} times: {e}") from None
+        return self._round(limit, attempt + 1)
+
+
+def _claims(payload: dict[str, Any], drops: int) -> tuple[Measurements, BehaviorSummary | None]:
+    """An observation's claims (``drops``: spool drops to report in its top features)."""
+    behavior_json = dict(payload["behavior"]) if payload.get("behavior") else None
+    if drops and behavior_json is not None:
+        feats = list(behavior_json.get("top_features", []))
+        behavior_json["top_features"] = [*feats, f"spool_dropped={drops}"]
+    ms = Measurements.model_validate_json(json.dumps(payload["measurements"]))
+    beh = (
+        BehaviorSummary.model_validate_json(json.dumps(behavior_json))
+        if behavior_json is not None
+        else None
+    )
+    return ms, beh
 
 
 class _RetryError(Exception):

@@ -7,13 +7,19 @@ measurements of one reporting window, with its real window times) and signs it o
 about to be sent, with a nonce the server has just issued. Nothing observed is lost, order is
 kept, and ``bam_seq``/``bam_prev`` stay gap-free.
 
-Crash safety (SIGKILL at any point): a token is signed, then — in **one** SQLite transaction —
-stored as the single *in-flight* token together with the new chain state (seq, digest); only
-then is it sent. After a restart the in-flight token is sent again verbatim: if the server had
-stored it the answer is ``duplicate`` (delivered); if it had not and its nonce is no longer
-usable, the chain is rolled back to the state before that token (the server never saw it) and
-the observation is signed again. Either way the server's chain has no gap. SQLite runs in WAL
-mode with ``synchronous=FULL``: a committed state survives power loss, not just a crash.
+Crash safety (SIGKILL at any point): tokens are signed, then — in **one** SQLite transaction —
+stored as the *in-flight* tokens (one, or a batch of consecutive seqs) together with the new
+chain state (seq, digest); only then are they sent. After a restart the in-flight tokens are
+sent again verbatim: each one the server had stored answers ``duplicate`` (delivered); from
+the first one it had not stored and whose nonce is no longer usable, the chain is rolled back
+to the state before that token (the server never saw it or anything after it) and those
+observations are signed again. Either way the server's chain has no gap. In-flight tokens
+are only ever delivered lowest seq first, and a rollback always restores the state before the
+lowest remaining one and forgets them all. SQLite runs in WAL mode with ``synchronous=FULL``:
+a committed state survives power loss, not just a crash.
+
+Spool files written before batches kept at most one in-flight row (``k = 1``); opening one
+migrates its ``inflight`` table in one transaction, keeping that row.
 
 Bounded: at most ``max_pending`` observations wait. When full, the **oldest** waiting
 observation is dropped (the newest state of a workload matters most to a verifier), the drop
@@ -34,7 +40,18 @@ from typing import Any
 from bam.evidence.canonical import ZERO_DIGEST
 from bam.evidence.token import ChainState
 
-_SCHEMA = """
+_INFLIGHT = """
+CREATE TABLE IF NOT EXISTS inflight (
+  seq INTEGER PRIMARY KEY,
+  pending_id INTEGER NOT NULL UNIQUE,
+  prev_seq INTEGER NOT NULL,
+  prev_digest TEXT NOT NULL,
+  token TEXT NOT NULL,
+  digest TEXT NOT NULL,
+  signed_at REAL NOT NULL
+)"""
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS pending (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   created REAL NOT NULL,
@@ -42,16 +59,7 @@ CREATE TABLE IF NOT EXISTS pending (
   severity TEXT NOT NULL,
   payload TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS inflight (
-  k INTEGER PRIMARY KEY CHECK (k = 1),
-  pending_id INTEGER NOT NULL,
-  seq INTEGER NOT NULL,
-  prev_seq INTEGER NOT NULL,
-  prev_digest TEXT NOT NULL,
-  token TEXT NOT NULL,
-  digest TEXT NOT NULL,
-  signed_at REAL NOT NULL
-);
+{_INFLIGHT};
 CREATE TABLE IF NOT EXISTS chain (
   k INTEGER PRIMARY KEY CHECK (k = 1),
   seq INTEGER NOT NULL,
@@ -86,7 +94,7 @@ class Pending:
 
 @dataclass(frozen=True)
 class InFlight:
-    """A signed token stored before sending (at most one at a time)."""
+    """A signed token stored before sending (several, of consecutive seqs, for a batch)."""
 
     pending_id: int
     seq: int
@@ -111,7 +119,31 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._migrate_inflight()
         self._lock = threading.RLock()
+
+    def _migrate_inflight(self) -> None:
+        """Old spool files: ``inflight`` had one row at most (``k = 1``); keep that row."""
+        cols = [str(r[1]) for r in self._db.execute("PRAGMA table_info(inflight)")]
+        if "k" not in cols:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            cols = [str(r[1]) for r in self._db.execute("PRAGMA table_info(inflight)")]
+            if "k" in cols:  # (re-checked under the write lock)
+                self._db.execute("ALTER TABLE inflight RENAME TO inflight_v1")
+                self._db.execute(_INFLIGHT)  # (not executescript: it would COMMIT first)
+                self._db.execute(
+                    "INSERT INTO inflight"
+                    "(seq, pending_id, prev_seq, prev_digest, token, digest, signed_at) "
+                    "SELECT seq, pending_id, prev_seq, prev_digest, token, digest, signed_at "
+                    "FROM inflight_v1"
+                )
+                self._db.execute("DROP TABLE inflight_v1")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -138,14 +170,11 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 n = self._db.execute("SELECT COUNT(*) FROM pending").fetchone()[0]
-                inflight = self._db.execute("SELECT pending_id FROM inflight").fetchone()
-                while n >= self.max_pending:
-                    q = "SELECT id, payload FROM pending"
-                    args: tuple[int, ...] = ()
-                    if inflight:
-                        q += " WHERE id != ?"
-                        args = (inflight[0],)
-                    row = self._db.execute(q + " ORDER BY id LIMIT 1", args).fetchone()
+                while n >= self.max_pending:  # (never an observation whose token is in flight)
+                    row = self._db.execute(
+                        "SELECT id, payload FROM pending "
+                        "WHERE id NOT IN (SELECT pending_id FROM inflight) ORDER BY id LIMIT 1"
+                    ).fetchone()
                     if row is None:
                         break
                     self._db.execute("DELETE FROM pending WHERE id = ?", (row[0],))
@@ -184,13 +213,19 @@ class Spool:
             self.set_meta("dropped_unreported", str(left))
 
     def oldest(self) -> Pending | None:
+        first = self.oldest_n(1)
+        return first[0] if first else None
+
+    def oldest_n(self, n: int) -> list[Pending]:
+        """The ``n`` oldest waiting observations, oldest first."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, created, workload, severity, payload FROM pending ORDER BY id LIMIT 1"
-            ).fetchone()
-        if row is None:
-            return None
-        return Pending(int(row[0]), float(row[1]), str(row[2]), str(row[3]), json.loads(row[4]))
+            rows = self._db.execute(
+                "SELECT id, created, workload, severity, payload FROM pending ORDER BY id LIMIT ?",
+                (n,),
+            ).fetchall()
+        return [
+            Pending(int(r[0]), float(r[1]), str(r[2]), str(r[3]), json.loads(r[4])) for r in rows
+        ]
 
     def get(self, pending_id: int) -> Pending | None:
         with self._lock:
@@ -213,25 +248,42 @@ class Spool:
         return ChainState(int(row[0]), str(row[1])) if row else ChainState(0, ZERO_DIGEST)
 
     def inflight(self) -> InFlight | None:
+        """The lowest in-flight token (the next to be delivered), if any."""
+        rows = self.inflight_all()
+        return rows[0] if rows else None
+
+    def inflight_all(self) -> list[InFlight]:
+        """Every in-flight token, in chain order (lowest seq first)."""
         with self._lock:
-            row = self._db.execute(
+            rows = self._db.execute(
                 "SELECT pending_id, seq, prev_seq, prev_digest, token, digest, signed_at "
-                "FROM inflight"
-            ).fetchone()
-        if row is None:
-            return None
-        return InFlight(
-            int(row[0]),
-            int(row[1]),
-            int(row[2]),
-            str(row[3]),
-            str(row[4]),
-            str(row[5]),
-            float(row[6]),
-        )
+                "FROM inflight ORDER BY seq"
+            ).fetchall()
+        return [
+            InFlight(int(r[0]), int(r[1]), int(r[2]), str(r[3]), str(r[4]), str(r[5]), float(r[6]))
+            for r in rows
+        ]
 
     def commit_signed(self, pending_id: int, prev: ChainState, new: ChainState, token: str) -> None:
         """Atomically: the token becomes in-flight and the chain advances to ``new``."""
+        self.commit_signed_many(prev, [(pending_id, new, token)])
+
+    def commit_signed_many(
+        self, prev: ChainState, signed: list[tuple[int, ChainState, str]]
+    ) -> None:
+        """Atomically: every ``(pending_id, new_state, token)`` (in chain order, the first
+        signed on top of ``prev``) becomes in-flight and the chain advances to the last state.
+
+        Refused (nothing changes) if a token is already in flight or the chain moved."""
+        if not signed:
+            raise ValueError("nothing to commit")
+        rows = []
+        before = prev
+        for pending_id, new, token in signed:
+            if new.seq != before.seq + 1:
+                raise ValueError(f"not consecutive: seq {new.seq} after {before.seq}")
+            rows.append((new.seq, pending_id, before.seq, before.prev, token, new.prev))
+            before = new
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -244,23 +296,38 @@ class Spool:
                 self._db.execute(
                     "INSERT INTO chain(k, seq, prev) VALUES (1, ?, ?) "
                     "ON CONFLICT(k) DO UPDATE SET seq = excluded.seq, prev = excluded.prev",
-                    (new.seq, new.prev),
+                    (before.seq, before.prev),
                 )
-                self._db.execute(
-                    "INSERT INTO inflight VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
-                    (pending_id, new.seq, prev.seq, prev.prev, token, new.prev, time.time()),
+                now = time.time()
+                self._db.executemany(
+                    "INSERT INTO inflight"
+                    "(seq, pending_id, prev_seq, prev_digest, token, digest, signed_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*r, now) for r in rows],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def delivered(self, status: str | None = None, action: str | None = None) -> None:
-        """The in-flight token was accepted: forget it and its observation."""
+    def delivered(
+        self, status: str | None = None, action: str | None = None, seq: int | None = None
+    ) -> None:
+        """The in-flight token ``seq`` (default: the lowest) was accepted: forget it and its
+        observation. Only the lowest in-flight token can be delivered (the server stores a
+        chain in order); a ``seq`` no longer in flight is a no-op."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT pending_id, seq, digest FROM inflight").fetchone()
+                row = self._db.execute(
+                    "SELECT pending_id, seq, digest FROM inflight ORDER BY seq LIMIT 1"
+                ).fetchone()
+                if row is not None and seq is not None and int(row[1]) != seq:
+                    if int(row[1]) < seq:
+                        raise RuntimeError(
+                            f"seq {seq} delivered before the lower in-flight seq {row[1]}"
+                        )
+                    row = None  # already delivered
                 if row is None:
                     self._db.execute("COMMIT")
                     return
@@ -268,7 +335,7 @@ class Spool:
                     "SELECT workload FROM pending WHERE id = ?", (row[0],)
                 ).fetchone()
                 self._db.execute("DELETE FROM pending WHERE id = ?", (row[0],))
-                self._db.execute("DELETE FROM inflight")
+                self._db.execute("DELETE FROM inflight WHERE seq = ?", (row[1],))
                 self._db.execute(
                     "INSERT OR REPLACE INTO delivered VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (row[1], row[0], wl[0] if wl else "", row[2], time.time(), status, action),
@@ -282,14 +349,16 @@ class Spool:
                 raise
 
     def rollback_inflight(self, drop_observation: bool = False) -> None:
-        """The server never stored the in-flight token: restore the chain as it was before it
-        (so the re-signed observation reuses the same seq: no gap). ``drop_observation`` for a
-        token the server refused for good (it is logged by the caller)."""
+        """The server stored none of the remaining in-flight tokens: restore the chain as it
+        was before the lowest of them and forget them all (so the re-signed observations reuse
+        the same seqs: no gap). ``drop_observation`` drops the lowest one's observation, for a
+        token the server refused for good (it is logged by the caller); the others are kept
+        and signed again."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute(
-                    "SELECT pending_id, prev_seq, prev_digest FROM inflight"
+                    "SELECT pending_id, prev_seq, prev_digest FROM inflight ORDER BY seq LIMIT 1"
                 ).fetchone()
                 if row is not None:
                     self._db.execute(
@@ -317,13 +386,19 @@ class SpoolChain:
     """The :class:`~bam.evidence.token.ChainStore` the builder signs with.
 
     ``load`` reads the committed state; ``save`` only remembers the new state: it is committed
-    by :meth:`Spool.commit_signed` together with the token, never on its own."""
+    by :meth:`Spool.commit_signed` (or ``commit_signed_many``) together with the token, never
+    on its own. To sign several tokens before committing them together, the signer sets
+    ``overlay`` to the last state it signed: ``load`` then returns it instead of the committed
+    state (cleared again by the signer, committed or not)."""
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
         self.last_saved: ChainState | None = None
+        self.overlay: ChainState | None = None
 
     def load(self) -> ChainState:
+        if self.overlay is not None:
+            return self.overlay
         return self.spool.chain_state()
 
     def save(self, state: ChainState) -> None:

@@ -1,0 +1,272 @@
+"""The agent delivers several waiting observations as one batch, against a real server.
+
+* three waiting observations go in one ``POST /v1/evidence/batch`` (a lone one still goes to
+  ``POST /v1/evidence``, over the nonce the batch's answers carried);
+* a crash with a batch in flight, before the server stored it (its nonces expire meanwhile)
+  and after it stored all or part of it: after a restart everything is delivered exactly
+  once, with no gap in the server's chain;
+* a token refused in the middle of a batch: the ones before it are delivered, a refusal for
+  good drops its observation, a refused nonce has it signed again, and the ones after it are
+  signed again and delivered.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bam.agent.config import AgentSettings
+from bam.agent.runner import Agent
+from bam.server.client import OperatorClient
+from bam.server.harness import ServerProcess
+from bam.server.service import Service
+from bam.server.settings import ServerSettings
+from evidence_support import make_behavior, make_measurements
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("agent-batch")
+    return {
+        "BAM_SERVER_DIR": str(root / "server"),
+        "BAM_DATA_DIR": str(root / "data"),
+        "BAM_LOG_LEVEL": "warning",
+        "BAM_POLICY_REFRESH_S": "0",
+        "BAM_NONCE_TTL_S": "4",  # short, so tokens stranded by a crash expire in the test
+    }
+
+
+@pytest.fixture(scope="module")
+def admin_token(env: dict[str, str]) -> str:
+    svc = Service(ServerSettings(server_dir=Path(env["BAM_SERVER_DIR"])))
+    try:
+        return svc.create_operator_token("admin", "admin", "test")
+    finally:
+        svc.close()
+
+
+@pytest.fixture(scope="module")
+def server(
+    env: dict[str, str], admin_token: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("agent-batch-log") / "server.log"
+    with ServerProcess(env, log_path=log) as srv:
+        yield srv
+
+
+def _settings(srv: ServerProcess, admin: str, tmp_path: Path, name: str) -> AgentSettings:
+    with OperatorClient(srv.url, admin) as op:
+        token = str(op.post("/v1/admin/enrol-tokens", {"note": name})["token"])
+    return AgentSettings(
+        server_url=srv.url,
+        enrol_token=token,
+        name=name,
+        data_dir=tmp_path / "agent",
+        tls_verify=False,
+    )
+
+
+def _agent(settings: AgentSettings, workloads: list[str]) -> Agent:
+    agent = Agent(settings)
+    agent.enrol()
+    for wl in workloads:
+        agent.client.register_workload(wl, "process", 30)
+    return agent
+
+
+def _payload(workload: str) -> dict[str, Any]:
+    return {
+        "behavior": make_behavior("none").model_dump(mode="json", exclude_none=True),
+        "measurements": make_measurements(workload).model_dump(mode="json", exclude_none=True),
+    }
+
+
+class _Calls:
+    """Counts the agent's requests (they still go to the real server)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.singles = 0
+        self.batches: list[int] = []
+        self.challenges = 0
+        self.tokens: list[str] = []
+        client = agent.client
+        submit, submit_batch = client.submit, client.submit_batch
+        challenge, challenges = client.challenge, client.challenges
+
+        def one(token: str) -> dict[str, Any]:
+            self.singles += 1
+            self.tokens.append(token)
+            return submit(token)
+
+        def many(tokens: list[str]) -> list[dict[str, Any]]:
+            self.batches.append(len(tokens))
+            self.tokens.extend(tokens)
+            return submit_batch(tokens)
+
+        def nonce() -> str:
+            self.challenges += 1
+            return challenge()
+
+        def nonces(count: int) -> list[str]:
+            self.challenges += 1
+            return challenges(count)
+
+        client.submit, client.submit_batch = one, many  # type: ignore[method-assign]
+        client.challenge, client.challenges = nonce, nonces  # type: ignore[method-assign]
+
+
+def _chain(srv: ServerProcess, admin: str, workloads: list[str]) -> list[tuple[int, str]]:
+    """``(seq, workload)`` of everything the server stored for ``workloads``, by seq; asserts
+    that the server reported no chain gap."""
+    rows: list[tuple[int, str]] = []
+    with OperatorClient(srv.url, admin) as op:
+        for wl in workloads:
+            ev = op.get(f"/v1/workloads/{wl}/evidence", limit=1000)["evidence"]
+            rows.extend((int(r["seq"]), wl) for r in ev)
+            results = op.get(f"/v1/workloads/{wl}/results", limit=1000)["results"]
+            gaps = [r for r in results if any("chain_gap" in x for x in r["reasons"])]
+            assert not gaps, f"the server saw chain gaps: {gaps}"
+    return sorted(rows)
+
+
+def _nonce_of(token: str) -> str:
+    body = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return str(claims["eat_nonce"])
+
+
+def _fates(out: list[Any]) -> list[tuple[int, bool, bool]]:
+    return [(d.seq, d.ok, d.duplicate) for d in out]
+
+
+def test_waiting_observations_go_in_one_batch(
+    server: ServerProcess, admin_token: str, tmp_path: Path
+) -> None:
+    wls = ["wl-b1", "wl-b2", "wl-b3"]
+    agent = _agent(_settings(server, admin_token, tmp_path, "agent-batch"), wls)
+    calls = _Calls(agent)
+    for wl in wls:  # one observation per target, as an agent with 3 targets makes them
+        agent.spool.push(wl, "none", _payload(wl))
+    out = agent.delivery.pump()
+    assert _fates(out) == [(1, True, False), (2, True, False), (3, True, False)]
+    assert [d.workload for d in out] == wls
+    assert all(d.status for d in out)
+    assert calls.batches == [3]
+    assert calls.singles == 0
+    assert calls.challenges == 1  # POST /v1/challenge?count=3
+    assert agent.spool.pending_count() == 0
+    assert agent.spool.inflight_all() == []
+    assert len(agent.delivery.nonces) == 3  # each stored token's answer carried one
+    # a lone observation takes the single-token path, over a nonce the batch's answers carried
+    agent.spool.push("wl-b2", "none", _payload("wl-b2"))
+    out = agent.delivery.pump()
+    assert _fates(out) == [(4, True, False)]
+    assert calls.singles == 1
+    assert calls.challenges == 1
+    agent.close()
+    assert _chain(server, admin_token, wls) == [
+        (1, "wl-b1"),
+        (2, "wl-b2"),
+        (3, "wl-b3"),
+        (4, "wl-b2"),
+    ]
+
+
+def test_crash_with_a_batch_in_flight_delivers_each_once(
+    server: ServerProcess, admin_token: str, tmp_path: Path
+) -> None:
+    wl = "wl-bcrash"
+    settings = _settings(server, admin_token, tmp_path, "agent-bcrash")
+    agent = _agent(settings, [wl])
+
+    def stage_three() -> list[str]:
+        """What the delivery does up to the crash point: sign 3, commit them in flight."""
+        for _ in range(3):
+            agent.spool.push(wl, "none", _payload(wl))
+        assert agent.delivery._sign(3) == 3
+        return [r.token for r in agent.spool.inflight_all()]
+
+    # crash 1: committed in flight, never sent; their nonces expire while the agent is "down"
+    assert len(stage_three()) == 3
+    agent.close()
+    agent = Agent(settings)
+    assert [r.seq for r in agent.spool.inflight_all()] == [1, 2, 3]
+    time.sleep(4.5)
+    calls = _Calls(agent)
+    out = agent.delivery.pump()
+    assert _fates(out) == [(1, True, False), (2, True, False), (3, True, False)]
+    assert calls.batches == [3, 3]  # sent verbatim (nonce_expired), then signed again
+    # crash 2: the server stored the first two of the batch, the agent never learnt it
+    tokens = stage_three()
+    stored = agent.client.submit_batch(tokens[:2])
+    assert [x["status"] for x in stored] == [200, 200]
+    agent.close()
+    agent = Agent(settings)
+    calls = _Calls(agent)
+    out = agent.delivery.pump()
+    assert _fates(out) == [(4, True, True), (5, True, True), (6, True, False)]
+    assert calls.batches == [3]
+    assert calls.tokens == tokens  # resent verbatim
+    # crash 3: the server stored the whole batch
+    tokens = stage_three()
+    agent.client.submit_batch(tokens)
+    agent.close()
+    agent = Agent(settings)
+    out = agent.delivery.pump()
+    assert _fates(out) == [(7, True, True), (8, True, True), (9, True, True)]
+    assert agent.spool.pending_count() == 0
+    assert agent.spool.inflight_all() == []
+    agent.close()
+    assert [seq for seq, _ in _chain(server, admin_token, [wl])] == list(range(1, 10))
+
+
+def test_token_refused_mid_batch(
+    server: ServerProcess, admin_token: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bam.agent")
+    wl = "wl-bmid"
+    agent = _agent(_settings(server, admin_token, tmp_path, "agent-bmid"), [wl])
+    calls = _Calls(agent)
+    # refused for good (a workload the server does not know): dropped, the rest signed again
+    agent.spool.push(wl, "none", _payload(wl))
+    agent.spool.push("wl-unregistered", "none", _payload("wl-unregistered"))
+    agent.spool.push(wl, "none", _payload(wl))
+    agent.spool.push(wl, "none", _payload(wl))
+    out = agent.delivery.pump()
+    assert _fates(out) == [(1, True, False), (2, False, False), (2, True, False), (3, True, False)]
+    assert out[1].workload == "wl-unregistered"
+    assert out[1].error is not None
+    assert "workload_unknown" in out[1].error
+    assert calls.batches == [4, 2]
+    assert agent.spool.pending_count() == 0
+    # a replayed nonce (one a stored token already used) in the middle: signed again
+    used = _nonce_of(calls.tokens[0])
+    for _ in range(3):
+        agent.spool.push(wl, "none", _payload(wl))
+    fresh = agent.client.challenge()
+    agent.delivery.nonces = [(fresh, time.time() + 60), (used, time.time() + 60)]
+    out = agent.delivery.pump()
+    assert _fates(out) == [(4, True, False), (5, True, False), (6, True, False)]
+    assert calls.batches == [4, 2, 3, 2]
+    assert "seq 5..6 not accepted (nonce_used)" in caplog.text
+    # the previous token's nonce again (``nonce_reused``): signed again too
+    for _ in range(2):
+        agent.spool.push(wl, "none", _payload(wl))
+    fresh = agent.client.challenge()
+    agent.delivery.nonces = [(fresh, time.time() + 60), (fresh, time.time() + 60)]
+    out = agent.delivery.pump()
+    assert _fates(out) == [(7, True, False), (8, True, False)]
+    assert calls.batches == [4, 2, 3, 2, 2]
+    assert "seq 8..8 not accepted (nonce_reused)" in caplog.text
+    assert calls.singles == 1  # the one left after the refusal went alone
+    assert agent.spool.pending_count() == 0
+    agent.close()
+    # the refused token never reached the chain: its seq was reused, no gap anywhere
+    assert [seq for seq, _ in _chain(server, admin_token, [wl])] == list(range(1, 9))
