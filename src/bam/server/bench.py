@@ -66,6 +66,7 @@ class _LeanHttp:
         ).encode()
         self._body: list[bytes] = []
         self._done = False
+        self._close = False
 
     def _connection(self) -> socket.socket:
         if self.sock is None:
@@ -77,6 +78,10 @@ class _LeanHttp:
         return self.sock
 
     # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"connection" and b"close" in value.lower():
+            self._close = True
+
     def on_body(self, data: bytes) -> None:
         self._body.append(data)
 
@@ -93,7 +98,7 @@ class _LeanHttp:
             % (path.encode(), self._head, len(body), body)
         )
         parser = httptools.HttpResponseParser(self)
-        self._body, self._done = [], False
+        self._body, self._done, self._close = [], False, False
         while not self._done:
             data = sock.recv(65536)
             if not data:
@@ -104,7 +109,10 @@ class _LeanHttp:
             except httptools.HttpParserError as e:
                 self.reset()
                 raise ValueError(f"malformed HTTP response: {e}") from None
-        if not parser.should_keep_alive():
+        # HTTP/1.1 keeps the connection unless the server says otherwise. (httptools'
+        # ``should_keep_alive()`` is not usable here: read after the message it reports False,
+        # which made every request open a new connection.)
+        if self._close or parser.get_http_version() != "1.1":
             self.reset()
         return parser.get_status_code(), orjson.loads(b"".join(self._body))
 
