@@ -115,6 +115,12 @@ def test_eval_adfa_json_shape() -> None:
     }  # fmt: skip
     # stide with 6-grams is the published 0.83 reference; far below would mean a broken pipeline
     assert d["auc"] > 0.8
+    # attack traces that replay a normal Training trace are counted and reported beside
+    replaying = out["dataset"]["attack_replaying_training"]
+    assert 0 < replaying < 100
+    clean = d["without_training_replays"]
+    assert clean["attack_traces"] == out["dataset"]["attack"] - replaying
+    assert clean["auc"] > d["auc"]  # they score as the normal traces they copy
 
 
 def test_bench_score_json_shape() -> None:
