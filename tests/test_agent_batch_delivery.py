@@ -179,6 +179,26 @@ def test_waiting_observations_go_in_one_batch(
     ]
 
 
+def test_batch_max_setting_bounds_each_request(
+    server: ServerProcess, admin_token: str, tmp_path: Path
+) -> None:
+    wls = ["wl-m1", "wl-m2"]
+    settings = _settings(server, admin_token, tmp_path, "agent-batch-max")
+    agent = _agent(settings.model_copy(update={"batch_max": 2}), wls)
+    assert agent.delivery.batch_max == 2
+    calls = _Calls(agent)
+    for i in range(5):
+        agent.spool.push(wls[i % 2], "none", _payload(wls[i % 2]))
+    out = agent.delivery.pump()
+    assert [d.seq for d in out if d.ok] == [1, 2, 3, 4, 5]
+    assert calls.batches == [2, 2]
+    assert calls.singles == 1  # the fifth, alone
+    agent.close()
+    assert [seq for seq, _ in _chain(server, admin_token, wls)] == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="batch_max"):
+        AgentSettings(batch_max=0)
+
+
 def test_crash_with_a_batch_in_flight_delivers_each_once(
     server: ServerProcess, admin_token: str, tmp_path: Path
 ) -> None:

@@ -140,6 +140,9 @@ class AgentSettings(BaseSettings):
     urgent_min_gap_s: Annotated[float, Field(ge=0)] = 0.5
     backend: str = "auto"
     spool_max: Annotated[int, Field(ge=1)] = 10_000
+    batch_max: Annotated[int, Field(ge=1, le=64)] = 16
+    """Tokens per evidence request when several observations wait (one per target per
+    interval, more after an outage); 1 sends every token alone."""
     request_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     apply_actions: bool = True
     targets: list[TargetSpec] = Field(default_factory=list)

@@ -90,7 +90,9 @@ class Agent:
             verify=settings.tls_verify,
             timeout=settings.request_timeout_s,
         )
-        self.delivery = Delivery(self.spool, self.client, self.builder)
+        self.delivery = Delivery(
+            self.spool, self.client, self.builder, batch_max=settings.batch_max
+        )
         self.targets: dict[str, TargetState] = {}
         self.last_action_id = int(self.spool.get_meta("last_action_id", "0") or 0)
         self.cpu0 = self_cpu_s()
