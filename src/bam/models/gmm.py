@@ -108,6 +108,51 @@ class GaussianMixtureDensity:
         out: F64 = -logsumexp(logp, axis=1) + resid_nll
         return out
 
+    def component_logpdf(self, x: F2) -> tuple[F2, F64]:
+        """Per-row, per-component ``log(weight_k * N_k(y))`` in PCA space, and the residual's
+        NLL: the two parts of :meth:`score`, in numpy alone (all components at once)."""
+        y, r2 = self.project(x)
+        d = y.shape[1]
+        inv_chol = np.linalg.inv(self.chol_)
+        sol = np.einsum("kij,nkj->nki", inv_chol, y[:, None, :] - self.means_[None])
+        logp: F2 = np.log(self.weights_) - 0.5 * (
+            d * np.log(2 * np.pi) + self.log_det_ + (sol**2).sum(2)
+        )
+        var, free = float(self.resid_var_[0]), int(self.resid_dims_[0])
+        resid_nll: F64 = 0.5 * (r2 / var + free * np.log(2 * np.pi * var))
+        return logp, resid_nll
+
+    def nll(self, x: F2) -> F64:
+        """:meth:`score` without scipy (a numpy log-sum-exp): for a long-running process that
+        scores a small model and should not carry scipy's memory for it."""
+        logp, resid_nll = self.component_logpdf(x)
+        top = logp.max(1)
+        out: F64 = -(top + np.log(np.exp(logp - top[:, None]).sum(1))) + resid_nll
+        return out
+
+    def conditional_residuals(self, x: F2) -> F2:
+        """How far each column of each row is from what the *other* columns predict.
+
+        Under the row's most likely component (Gaussian, in standardised units), column ``j``'s
+        residual is ``(x_j - E[x_j | rest]) / sd(x_j | rest)``, i.e. ``(P d)_j / sqrt(P_jj)``
+        with ``P`` the component's precision and ``d`` the row's deviation from its mean. A row
+        whose every column is ordinary but whose *combination* is not (CPU busy, network
+        silent) gets large residuals on exactly the columns that disagree; the sign says which
+        way (``+``: higher than the rest imply). PCA's discarded directions count with their
+        isotropic residual variance, so this is the full model's precision.
+        """
+        z = (x - self.mean_) / self.scale_ - self.pca_mean_
+        c = self.components_
+        inv_chol = np.linalg.inv(self.chol_)  # (k, d, d)
+        prec_y = np.einsum("kji,kjl->kil", inv_chol, inv_chol)  # Σ_k^-1 = L^-T L^-1
+        rest = (np.eye(c.shape[1]) - c.T @ c) / float(self.resid_var_[0])
+        prec = np.einsum("ai,kab,bj->kij", c, prec_y, c) + rest  # (k, D, D), D = columns
+        best = self.component_logpdf(x)[0].argmax(1)
+        mu_z = self.means_[best] @ c  # component means back in standardised coordinates
+        p = prec[best]  # (n, D, D)
+        out: F2 = np.einsum("nij,nj->ni", p, z - mu_z) / np.sqrt(np.einsum("nii->ni", p))
+        return out
+
     def arrays(self) -> Arrays:
         return {
             "mean": self.mean_,
