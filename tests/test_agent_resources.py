@@ -26,8 +26,8 @@ while True:
 """
 
 
-def test_process_rates_are_learnt_and_compared(tmp_path: Path) -> None:
-    require_ebpf()
+def _sink() -> tuple[socket.socket, threading.Event, threading.Thread]:
+    """A loopback listener that accepts one connection and reads it until ``stop`` is set."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
@@ -46,6 +46,12 @@ def test_process_rates_are_learnt_and_compared(tmp_path: Path) -> None:
 
     t = threading.Thread(target=drain, daemon=True)
     t.start()
+    return srv, stop, t
+
+
+def test_process_rates_are_learnt_and_compared(tmp_path: Path) -> None:
+    require_ebpf()
+    srv, stop, t = _sink()
     proc = subprocess.Popen([sys.executable, "-c", SENDER, str(srv.getsockname()[1])])
     res = ProcessResources(Target.from_pids([proc.pid]), hz=10.0)
     try:
@@ -116,24 +122,7 @@ def test_process_mix_change_is_flagged_though_every_rate_is_within_profile() -> 
     computing. No rate exceeds its maximum; the mixture score rises past 1.0 and names the
     network, while the steady phase stays under it."""
     require_ebpf()
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    stop = threading.Event()
-
-    def drain() -> None:
-        c, _ = srv.accept()
-        c.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                if not c.recv(1 << 20):
-                    break
-            except TimeoutError:
-                continue
-        c.close()
-
-    t = threading.Thread(target=drain, daemon=True)
-    t.start()
+    srv, stop, t = _sink()
     proc = subprocess.Popen(
         [sys.executable, "-c", WORKER, str(srv.getsockname()[1])], stdout=subprocess.PIPE
     )
