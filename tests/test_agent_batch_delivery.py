@@ -199,6 +199,28 @@ def test_batch_max_setting_bounds_each_request(
         AgentSettings(batch_max=0)
 
 
+def test_unsignable_observation_is_dropped_not_blocking(
+    server: ServerProcess, admin_token: str, tmp_path: Path
+) -> None:
+    """A payload the claim models refuse (e.g. written by another version) is dropped, counted
+    and reported; the observations behind it are still delivered."""
+    wls = ["wl-u1", "wl-u2"]
+    agent = _agent(_settings(server, admin_token, tmp_path, "agent-unsignable"), wls)
+    calls = _Calls(agent)
+    agent.spool.push(wls[0], "none", {"measurements": {"bogus": 1}, "behavior": None})
+    agent.spool.push(wls[0], "none", _payload(wls[0]))
+    agent.spool.push(wls[1], "none", _payload(wls[1]))
+    out = agent.delivery.pump()
+    assert [(d.seq, d.workload, d.ok) for d in out] == [(1, wls[0], True), (2, wls[1], True)]
+    assert agent.spool.pending_count() == 0
+    assert agent.spool.get_meta("dropped") == "1"
+    first = calls.tokens[0].split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)))
+    assert "spool_dropped=1" in claims["submods"]["behavior"]["top_features"]
+    agent.close()
+    assert [seq for seq, _ in _chain(server, admin_token, wls)] == [1, 2]
+
+
 def test_crash_with_a_batch_in_flight_delivers_each_once(
     server: ServerProcess, admin_token: str, tmp_path: Path
 ) -> None:

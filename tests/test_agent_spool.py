@@ -211,3 +211,22 @@ def test_old_spool_file_is_migrated_keeping_its_in_flight_token(tmp_path: Path) 
     assert sp.inflight() is None
     assert sp.pending_count() == 2
     sp.close()
+
+
+def test_discard_drops_a_waiting_observation_never_one_in_flight(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "s.db")
+    chain = SpoolChain(sp)
+    builder = EvidenceBuilder(SoftwareSigner.generate(), chain=chain)
+    flying = sp.push("w", "none", _obs(0))
+    waiting = sp.push("w", "none", _obs(1))
+    prev = sp.chain_state()
+    ev = builder.build("n" * 16, make_measurements("w"), make_behavior("none"))
+    assert chain.last_saved is not None
+    sp.commit_signed(flying, prev, chain.last_saved, ev.token)
+    assert sp.discard(flying) is False  # its token is in flight: the chain depends on it
+    assert sp.discard(waiting) is True
+    assert sp.discard(waiting) is False
+    assert sp.pending_count() == 1
+    assert sp.get_meta("dropped") == "1"
+    assert sp.take_unreported_drops() == 1
+    sp.close()

@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from bam.agent.spool import InFlight, Spool, SpoolChain
+from bam.agent.spool import InFlight, Pending, Spool, SpoolChain
 from bam.evidence.claims import BehaviorSummary, Measurements
 from bam.evidence.token import ChainState, EvidenceBuilder
 from bam.server.client import AgentClient, ApiError
@@ -170,7 +170,7 @@ class Delivery:
 
     def _sign(self, n: int) -> int:
         """Sign the ``n`` oldest observations and commit them in flight; how many."""
-        todo = self.spool.oldest_n(n)
+        todo = self._signable(n)
         if not todo:
             return 0
         nonces = self._get_nonces(len(todo))
@@ -192,6 +192,30 @@ class Delivery:
         if drops:
             self.spool.clear_unreported_drops(drops)
         return len(signed)
+
+    def _signable(self, n: int) -> list[Pending]:
+        """Up to ``n`` oldest observations whose claims are valid. One that is not (a payload
+        no longer valid for this version's claim models, a damaged row) would block the
+        spool for ever: it is dropped, logged and counted (reported to the verifier as
+        ``spool_dropped`` in the next token)."""
+        while True:
+            todo = self.spool.oldest_n(n)
+            good = []
+            for p in todo:
+                try:
+                    _claims(p.payload, 0)
+                except (KeyError, TypeError, ValueError, AttributeError) as e:
+                    log.error(
+                        "observation %d of %s cannot be signed (%s): dropped",
+                        p.id,
+                        p.workload,
+                        str(e).splitlines()[0][:200],
+                    )
+                    self.spool.discard(p.id)
+                    continue
+                good.append(p)
+            if good or not todo:
+                return good
 
     def _send_one(
         self, inf: InFlight, limit: int, attempt: int

@@ -190,6 +190,31 @@ class Spool:
                 raise
         return int(cur.lastrowid or 0)
 
+    def discard(self, pending_id: int) -> bool:
+        """Drop one waiting observation that can never be signed (a malformed payload), so it
+        does not block the ones behind it; counted and reported like a drop of a full spool.
+        Never one whose token is in flight. False if there was no such observation."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT payload FROM pending "
+                    "WHERE id = ? AND id NOT IN (SELECT pending_id FROM inflight)",
+                    (pending_id,),
+                ).fetchone()
+                if row is not None:
+                    self._db.execute("DELETE FROM pending WHERE id = ?", (pending_id,))
+                    try:
+                        payload = json.loads(row[0])
+                    except ValueError:
+                        payload = {}
+                    self._bump_dropped(payload if isinstance(payload, dict) else {})
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return row is not None
+
     def _bump_dropped(self, payload: dict[str, Any]) -> None:
         d = int(self.get_meta("dropped", "0") or 0) + 1
         self.set_meta("dropped", str(d))
@@ -197,7 +222,7 @@ class Spool:
             "dropped_unreported", str(int(self.get_meta("dropped_unreported", "0") or 0) + 1)
         )
         b = payload.get("behavior") or {}
-        if "window_start" in b:
+        if isinstance(b, dict) and "window_start" in b:
             first = self.get_meta("dropped_first_window")
             if first is None:
                 self.set_meta("dropped_first_window", str(b["window_start"]))
