@@ -178,8 +178,9 @@ class Delivery:
         prev = self.spool.chain_state()
         signed: list[tuple[int, ChainState, str]] = []
         try:
-            for i, (p, nonce) in enumerate(zip(todo, nonces, strict=True)):
-                ms, beh = _claims(p.payload, drops if i == 0 else 0)
+            for i, ((p, ms, beh), nonce) in enumerate(zip(todo, nonces, strict=True)):
+                if i == 0 and drops:  # the first token reports the drops not yet reported
+                    ms, beh = _claims(p.payload, drops)
                 ev = self.builder.build(nonce, ms, beh)
                 new = self.chain.last_saved
                 assert new is not None
@@ -193,17 +194,17 @@ class Delivery:
             self.spool.clear_unreported_drops(drops)
         return len(signed)
 
-    def _signable(self, n: int) -> list[Pending]:
-        """Up to ``n`` oldest observations whose claims are valid. One that is not (a payload
-        no longer valid for this version's claim models, a damaged row) would block the
-        spool for ever: it is dropped, logged and counted (reported to the verifier as
-        ``spool_dropped`` in the next token)."""
+    def _signable(self, n: int) -> list[tuple[Pending, Measurements, BehaviorSummary | None]]:
+        """Up to ``n`` oldest observations with their claims. One whose claims are invalid
+        (a payload no longer valid for this version's claim models, a damaged row) would
+        block the spool for ever: it is dropped, logged and counted (reported to the verifier
+        as ``spool_dropped`` in the next token)."""
         while True:
             todo = self.spool.oldest_n(n)
             good = []
             for p in todo:
                 try:
-                    _claims(p.payload, 0)
+                    ms, beh = _claims(p.payload, 0)
                 except (KeyError, TypeError, ValueError, AttributeError) as e:
                     log.error(
                         "observation %d of %s cannot be signed (%s): dropped",
@@ -213,7 +214,7 @@ class Delivery:
                     )
                     self.spool.discard(p.id)
                     continue
-                good.append(p)
+                good.append((p, ms, beh))
             if good or not todo:
                 return good
 

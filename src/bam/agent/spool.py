@@ -177,8 +177,7 @@ class Spool:
                     ).fetchone()
                     if row is None:
                         break
-                    self._db.execute("DELETE FROM pending WHERE id = ?", (row[0],))
-                    self._bump_dropped(json.loads(row[1]))
+                    self._drop(row[0], row[1])
                     n -= 1
                 cur = self._db.execute(
                     "INSERT INTO pending(created, workload, severity, payload) VALUES (?,?,?,?)",
@@ -203,17 +202,21 @@ class Spool:
                     (pending_id,),
                 ).fetchone()
                 if row is not None:
-                    self._db.execute("DELETE FROM pending WHERE id = ?", (pending_id,))
-                    try:
-                        payload = json.loads(row[0])
-                    except ValueError:
-                        payload = {}
-                    self._bump_dropped(payload if isinstance(payload, dict) else {})
+                    self._drop(pending_id, row[0])
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return row is not None
+
+    def _drop(self, pending_id: int, payload_text: str) -> None:
+        """Delete a waiting observation and count it (inside the caller's transaction)."""
+        self._db.execute("DELETE FROM pending WHERE id = ?", (pending_id,))
+        try:
+            payload = json.loads(payload_text)
+        except ValueError:
+            payload = {}
+        self._bump_dropped(payload if isinstance(payload, dict) else {})
 
     def _bump_dropped(self, payload: dict[str, Any]) -> None:
         d = int(self.get_meta("dropped", "0") or 0) + 1

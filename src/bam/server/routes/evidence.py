@@ -22,7 +22,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
@@ -44,20 +44,29 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+T = TypeVar("T")
+
+
+async def _received(
+    guards: deps.Guards, address: str, tokens: int, call: Callable[[], Awaitable[T]]
+) -> T:
+    """Run ``call`` for ``tokens`` received tokens: the failed-authentication guard and the
+    received/rejected counters shared by both evidence routes."""
+    guards.check_failures(address)
+    metrics.EVIDENCE_RECEIVED.inc(tokens)
+    try:
+        return await call()
+    except ServerError as e:
+        metrics.EVIDENCE_REJECTED.labels(e.reason).inc(tokens)
+        if e.status == 401:
+            guards.record_failure(address)
+        raise
 
 
 async def submit(svc: Service, guards: deps.Guards, address: str, token: str) -> bytes:
     """Submit ``token``; the JSON response body. Counts metrics and failed authentications."""
-    guards.check_failures(address)
-    metrics.EVIDENCE_RECEIVED.inc()
     t0 = time.perf_counter()
-    try:
-        out = await svc.submit_evidence_async(token)
-    except ServerError as e:
-        metrics.EVIDENCE_REJECTED.labels(e.reason).inc()
-        if e.status == 401:
-            guards.record_failure(address)
-        raise
+    out = await _received(guards, address, 1, lambda: svc.submit_evidence_async(token))
     metrics.EVIDENCE_SECONDS.observe(time.perf_counter() - t0)
     if out.duplicate:
         metrics.EVIDENCE_DUPLICATE.inc()
@@ -69,38 +78,33 @@ async def submit(svc: Service, guards: deps.Guards, address: str, token: str) ->
 
 async def submit_batch(svc: Service, guards: deps.Guards, address: str, tokens: list[str]) -> bytes:
     """Submit one agent's ``tokens`` (see :mod:`bam.server.service.evidence_batch`)."""
-    guards.check_failures(address)
-    metrics.EVIDENCE_RECEIVED.inc(len(tokens))
-    try:
-        items = await svc.submit_evidence_batch_async(tokens)
-    except ServerError as e:
-        metrics.EVIDENCE_REJECTED.labels(e.reason).inc(len(tokens))
-        if e.status == 401:
-            guards.record_failure(address)
-        raise
+    items = await _received(
+        guards, address, len(tokens), lambda: svc.submit_evidence_batch_async(tokens)
+    )
     ttl = svc.settings.nonce_ttl_s
     docs: list[dict[str, Any]] = []
-    tally: Counter[tuple[str, ...]] = Counter()  # one metrics update per kind, not per token
+    rejected: Counter[str] = Counter()
+    decisions: Counter[tuple[str, str]] = Counter()
+    duplicates = 0
     for item in items:
         if isinstance(item, ServerError):
-            tally[("rejected", item.reason)] += 1
+            rejected[item.reason] += 1
             docs.append({"status": item.status, "reason": item.reason, "message": item.message})
             continue
         if item.duplicate:
-            tally[("duplicate",)] += 1
+            duplicates += 1
         else:
-            tally[("verified",)] += 1
-            tally[("decision", item.result["status"], item.result["action"])] += 1
+            decisions[(item.result["status"], item.result["action"])] += 1
         docs.append({"status": 200, "evidence": response_doc(item, ttl)})
-    for key, n in tally.items():
-        if key[0] == "rejected":
-            metrics.EVIDENCE_REJECTED.labels(key[1]).inc(n)
-        elif key[0] == "duplicate":
-            metrics.EVIDENCE_DUPLICATE.inc(n)
-        elif key[0] == "verified":
-            metrics.EVIDENCE_VERIFIED.inc(n)
-        else:
-            metrics.DECISIONS.labels(key[1], key[2]).inc(n)
+    # one metrics update per kind, not per token
+    for reason, n in rejected.items():
+        metrics.EVIDENCE_REJECTED.labels(reason).inc(n)
+    if duplicates:
+        metrics.EVIDENCE_DUPLICATE.inc(duplicates)
+    if decisions:
+        metrics.EVIDENCE_VERIFIED.inc(sum(decisions.values()))
+    for (status, action), n in decisions.items():
+        metrics.DECISIONS.labels(status, action).inc(n)
     return orjson.dumps({"items": docs})
 
 

@@ -112,7 +112,7 @@ class EvidenceBatchMixin(EvidenceMixin):
             if not writes:
                 return _answers(items, []) + tail
             try:
-                ids = await db.committer.run(functools.partial(self._write_batch_sqlite, writes))
+                ids = await db.committer.run(functools.partial(self._write_batch, writes))
             except _WriteFailedError as f:
                 n, tail = _shrink(items, f, n, tail)
                 continue
@@ -142,12 +142,16 @@ class EvidenceBatchMixin(EvidenceMixin):
             items.append(prepared)
         return items
 
-    def _write_batch_sqlite(self, writes: list[_Write], cur: Any) -> list[tuple[int, int]]:
-        """One group-commit unit: every write of the batch, in order (all or nothing)."""
+    def _write_batch(self, writes: list[_Write], cur: Any) -> list[tuple[int, int]]:
+        """Every write of the batch, in order, in the caller's transaction (all or nothing):
+        one group-commit unit on SQLite, part of the blocking path's transaction otherwise."""
         ids = []
         for j, w in enumerate(writes):
             try:
-                ids.append(self._write_sqlite(w, cur))
+                if self._hot.postgresql:
+                    ids.append(self._write_postgresql(cur, w))
+                else:
+                    ids.append(self._write_sqlite(w, cur))
             except (ServerError, RetryError) as e:
                 raise _WriteFailedError(j, e) from None
         return ids
@@ -158,15 +162,7 @@ class EvidenceBatchMixin(EvidenceMixin):
             return []
         if not self._hot.postgresql:
             cur.execute("BEGIN IMMEDIATE")
-        ids = []
-        for j, w in enumerate(writes):
-            try:
-                if self._hot.postgresql:
-                    ids.append(self._write_postgresql(cur, w))
-                else:
-                    ids.append(self._write_sqlite(w, cur))
-            except (ServerError, RetryError) as e:
-                raise _WriteFailedError(j, e) from None
+        ids = self._write_batch(writes, cur)
         raw.commit()
         return ids
 
