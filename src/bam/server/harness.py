@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -48,12 +50,19 @@ class ServerProcess:
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: int | None = None
+        # the workers' shared metric files are ours when the caller names none, so a killed
+        # server (no clean exit of its own) leaves nothing behind once we stop it
+        self._own_metrics = workers > 1 and not self.env.get("PROMETHEUS_MULTIPROC_DIR")
+        self._metrics_dir: str | None = None
 
     @property
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
+        if self._own_metrics and self._metrics_dir is None:
+            self._metrics_dir = tempfile.mkdtemp(prefix="bam-metrics-")
+            self.env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         cmd = [
             sys.executable,
             "-c",
@@ -124,6 +133,9 @@ class ServerProcess:
         if self._log is not None:
             os.close(self._log)
             self._log = None
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
 
     def _signal(self, sig: int) -> None:
         if self.proc is None:
