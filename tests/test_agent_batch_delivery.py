@@ -312,3 +312,58 @@ def test_token_refused_mid_batch(
     agent.close()
     # the refused token never reached the chain: its seq was reused, no gap anywhere
     assert [seq for seq, _ in _chain(server, admin_token, [wl])] == list(range(1, 9))
+
+
+def test_lost_spool_blocks_delivery_until_the_chain_is_reset(
+    server: ServerProcess, admin_token: str, tmp_path: Path
+) -> None:
+    settings = _settings(server, admin_token, tmp_path, "agent-lost-spool")
+    agent = _agent(settings, ["wl-lost"])
+    for _ in range(2):
+        agent.spool.push("wl-lost", "none", _payload("wl-lost"))
+    assert _fates(agent.delivery.pump()) == [(1, True, False), (2, True, False)]
+    agent.close()
+    for f in settings.data_dir.glob("spool.db*"):  # the disk is replaced; the key survives
+        f.unlink()
+    agent = Agent(settings)
+    for _ in range(3):
+        agent.spool.push("wl-lost", "none", _payload("wl-lost"))
+    assert agent.delivery.pump() == []
+    blocked = agent.delivery.blocked
+    assert blocked is not None
+    assert "seq_replay" in blocked
+    assert "reset-chain" in blocked
+    assert agent.stats()["blocked"] == blocked
+    assert agent.spool.get_meta("blocked") == blocked  # for `bam agent status`
+    assert agent.spool.pending_count() == 3  # nothing dropped: all kept for after the reset
+    assert agent.delivery.pump() == []  # and not hammering: the next try is a minute away
+    with OperatorClient(server.url, admin_token) as op:
+        reset = op.post("/v1/agents/agent-lost-spool/reset-chain", {"note": "disk replaced"})
+    assert (reset["previous_seq"], reset["epoch"]) == (2, 1)
+    agent.delivery.retry_at = 0.0  # the minute has passed
+    out = agent.delivery.pump()
+    assert _fates(out) == [(1, True, False), (2, True, False), (3, True, False)]
+    assert agent.delivery.blocked is None
+    assert not agent.spool.get_meta("blocked")
+    assert out[0].status == "warning"
+    assert any(r.startswith("chain_reset") for r in out[0].reasons)
+    assert not any(r.startswith("chain_reset") for r in out[1].reasons)
+    agent.close()
+
+
+def test_revoked_agent_keeps_its_observations_and_does_not_raise(
+    server: ServerProcess, admin_token: str, tmp_path: Path
+) -> None:
+    agent = _agent(_settings(server, admin_token, tmp_path, "agent-revoked"), ["wl-rev"])
+    svc = Service(ServerSettings(server_dir=Path(server.env["BAM_SERVER_DIR"])))
+    try:
+        svc.revoke_agent("agent-revoked", "test")
+    finally:
+        svc.close()
+    agent.spool.push("wl-rev", "none", _payload("wl-rev"))
+    assert agent.delivery.pump() == []  # the challenge is refused (403): no exception
+    assert agent.delivery.blocked is not None
+    assert "agent_revoked" in agent.delivery.blocked
+    assert agent.spool.pending_count() == 1
+    assert not agent.delivery.server_up
+    agent.close()

@@ -34,7 +34,7 @@ def test_init_makes_database_key_tls_and_admin_token(home: Path) -> None:
     server_dir = home / "data" / "server"
     assert info["database"].startswith("sqlite:///")
     assert (server_dir / "bam.db").exists()
-    assert info["schema_revision"] == "0001"
+    assert info["schema_revision"] == "0002"
     assert info["policy"] == "bam-default@v1"
     assert info["admin_token"].startswith("bamop_")
     token_file = Path(info["admin_token_file"])
@@ -77,6 +77,9 @@ def test_tokens_policy_ack_and_workloads(home: Path, tmp_path: Path) -> None:
     code, _, err = _run("server", "ack", "no-such-workload")
     assert code == 2
     assert "workload_unknown" in err
+    code, _, err = _run("server", "reset-chain", "no-such-agent")
+    assert code == 2
+    assert "agent_unknown" in err
     code, out, _ = _run("server", "workloads", "--json")
     assert code == 0
     assert json.loads(out) == {"workloads": []}

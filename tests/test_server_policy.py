@@ -154,11 +154,13 @@ def test_default_policy_validates() -> None:
     decisions = validate(default_source(), "bam-default")
     assert [d.status for d in decisions] == [
         "affirming",
-        "contraindicated",
-        "warning",
-        "contraindicated",
-        "warning",
+        "contraindicated",  # attacked
+        "warning",  # chain gap
+        "warning",  # chain reset
+        "contraindicated",  # measurement mismatch
+        "warning",  # stale
     ]
+    assert any(r.startswith("chain_reset") for r in decisions[3].reasons)
 
 
 def test_lean_input_gives_the_same_decisions_as_regopy_input() -> None:

@@ -18,6 +18,13 @@ refusal for good drops its observation and rolls back the rest. One waiting obse
 takes the single-token path (``POST /v1/evidence``) as before. A server without the batch
 endpoint (404/405) or that refuses a batch as such makes the agent fall back to single
 tokens (a body too large halves the batch size instead).
+
+Blocked: some refusals are about the agent, not a token, and no token can change them until an
+operator acts: the agent is unknown, revoked or its key refused (401/403), or its chain no longer
+links to the server's (``seq_replay``, ``chain_broken``: a wiped or restored spool, a cloned
+agent). Dropping observations one by one would lose them all for nothing, so everything stays
+spooled, the reason is logged once as an error and shown as ``blocked``, and the agent asks
+again once a minute (after ``bam server reset-chain`` for a diverged chain).
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ NONCE_REASONS = frozenset(
     {"nonce_expired", "nonce_unknown", "nonce_used", "nonce_stale", "nonce_reused"}
 )
 RETRY_STATUS = frozenset({408, 409, 425, 429})
+# the chain no longer links to the server's head: an operator must reset it
+CHAIN_DIVERGED = frozenset({"seq_replay", "chain_broken"})
+AGENT_REFUSED = frozenset({401, 403})
+BLOCKED_RETRY_S = 60.0
 MAX_BATCH = 64
 """The server's limit on tokens per batch (and nonces per challenge)."""
 
@@ -85,6 +96,9 @@ class Delivery:
         self.retry_at = 0.0
         self.down_since: float | None = None
         self.last_error: str | None = None
+        self.blocked: str | None = spool.get_meta("blocked") or None
+        """Why the server refuses this agent until an operator acts (None: it does not);
+        kept in the spool so that ``bam agent status`` shows it."""
 
     @property
     def server_up(self) -> bool:
@@ -99,6 +113,9 @@ class Delivery:
                 break
             try:
                 got, retry = self._round(max_items - len(out))
+            except _BlockedError as e:
+                self._blocked(str(e))
+                break
             except (httpx.TransportError, _RetryError) as e:
                 self._failed(str(e) or type(e).__name__)
                 break
@@ -120,10 +137,25 @@ class Delivery:
         self.retry_at = time.monotonic() + self.backoff_s
         self.nonces = []
 
+    def _blocked(self, why: str) -> None:
+        if why != self.blocked:
+            log.error("the server refuses this agent (%s): spooling, retrying once a minute", why)
+            self.spool.set_meta("blocked", why)
+        self.blocked = why
+        if self.down_since is None:
+            self.down_since = time.time()
+        self.last_error = why
+        self.backoff_s = BLOCKED_RETRY_S
+        self.retry_at = time.monotonic() + BLOCKED_RETRY_S
+        self.nonces = []
+
     def _ok(self) -> None:
         if self.down_since is not None:
             log.warning("server back after %.1f s", time.time() - self.down_since)
         self.down_since = None
+        if self.blocked is not None:
+            self.spool.set_meta("blocked", "")
+            self.blocked = None
         self.backoff_s = 0.0
 
     def _get_nonces(self, n: int) -> list[str]:
@@ -145,7 +177,7 @@ class Delivery:
         except ApiError as e:
             if e.status >= 500 or e.status in RETRY_STATUS:
                 raise _RetryError(str(e)) from None
-            raise
+            raise _BlockedError(f"challenge refused: {e}") from None
         return got
 
     def _keep_nonce(self, answer: dict[str, Any]) -> None:
@@ -234,6 +266,7 @@ class Delivery:
                 if attempt >= 2:  # e.g. a clock far off: back off rather than spin
                     raise _RetryError(f"nonce refused {attempt + 1} times: {e}") from None
                 return self._round(limit, attempt + 1)
+            _raise_if_blocked(e)
             if e.status >= 500 or e.status in RETRY_STATUS:
                 raise _RetryError(str(e)) from None
             log.error("evidence seq %d refused for good: %s; observation dropped", inf.seq, e)
@@ -293,6 +326,9 @@ class Delivery:
                 if attempt >= 2:
                     raise _RetryError(f"nonce refused {attempt + 1} times: {err}")
                 return self._round(limit, attempt + 1)
+            if out and (err.reason in CHAIN_DIVERGED or err.status in AGENT_REFUSED):
+                return out, str(err)  # kept in flight: the next round finds it blocked
+            _raise_if_blocked(err)
             if status >= 500 or status in RETRY_STATUS:
                 if not out:
                     raise _RetryError(str(err))
@@ -315,21 +351,8 @@ class Delivery:
         """The whole batch request was refused: nothing of it was stored."""
         if e.status >= 500 or e.status in RETRY_STATUS:
             raise _RetryError(str(e)) from None
-        if e.status in (401, 403) and e.reason not in NONCE_REASONS:
-            # the first token does not authenticate the agent: as for a single token
-            first = rows[0]
-            p = self.spool.get(first.pending_id)
-            log.error("evidence seq %d refused for good: %s; observation dropped", first.seq, e)
-            self.spool.rollback_inflight(drop_observation=True)
-            return [
-                Delivered(
-                    p.workload if p else "",
-                    first.seq,
-                    False,
-                    error=str(e),
-                    payload=p.payload if p else {},
-                )
-            ], None
+        if e.reason not in NONCE_REASONS:
+            _raise_if_blocked(e)  # the first token does not authenticate the agent
         if e.status == 413:
             self.batch_max = max(1, len(rows) // 2)
             log.warning("a batch of %d is too large: now at most %d", len(rows), self.batch_max)
@@ -359,3 +382,17 @@ def _claims(payload: dict[str, Any], drops: int) -> tuple[Measurements, Behavior
 
 class _RetryError(Exception):
     """A transient server-side refusal: keep the token and try again later."""
+
+
+class _BlockedError(_RetryError):
+    """The server refuses the agent itself until an operator acts: keep everything."""
+
+
+def _raise_if_blocked(e: ApiError) -> None:
+    if e.reason in CHAIN_DIVERGED:
+        raise _BlockedError(
+            f"{e}. The agent's chain no longer links to the server's (a wiped or restored "
+            "spool?): after checking why, run `bam server reset-chain AGENT` on the server"
+        ) from None
+    if e.status in AGENT_REFUSED and e.reason not in NONCE_REASONS:
+        raise _BlockedError(str(e)) from None

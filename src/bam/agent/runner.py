@@ -340,6 +340,7 @@ class Agent:
             "spool_dropped": int(self.spool.get_meta("dropped", "0") or 0),
             "chain_seq": self.spool.chain_state().seq,
             "server_up": self.delivery.server_up,
+            "blocked": self.delivery.blocked,
         }
 
     def close(self) -> None:

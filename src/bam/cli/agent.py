@@ -141,6 +141,7 @@ def status(
                 "in_flight": sp.inflight() is not None,
                 "spool_pending": sp.pending_count(),
                 "spool_dropped": int(sp.get_meta("dropped", "0") or 0),
+                "blocked": sp.get_meta("blocked") or None,
                 "delivered": sp.delivered_log()[-10:],
             }
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -144,8 +145,11 @@ def run_cmd(
     with user_errors():
         settings = _settings(host=host, port=port, workers=workers, tls=tls)
         n = settings.workers
+        metrics_dir: str | None = None
         if n > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bam-metrics-")
+            # the workers' shared metric files: ours, so removed when the server stops
+            metrics_dir = tempfile.mkdtemp(prefix="bam-metrics-")
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         if tls is not None:
             os.environ["BAM_TLS"] = "true" if tls else "false"
         svc = _service(settings)  # migrate, key and default policy, once, before the workers
@@ -159,19 +163,23 @@ def run_cmd(
             f"({n} worker{'s' if n > 1 else ''}, {settings.dialect})",
             highlight=False,
         )
-    uvicorn.run(
-        "bam.server.asgi:app_factory",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=n,
-        log_level=settings.log_level,
-        access_log=access_log,
-        server_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=5,
-        **ssl,
-    )
+    try:
+        uvicorn.run(
+            "bam.server.asgi:app_factory",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=n,
+            log_level=settings.log_level,
+            access_log=access_log,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=5,
+            **ssl,
+        )
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @token_app.command("create")
@@ -322,6 +330,30 @@ def workloads_cmd(as_json: JsonOpt = False) -> None:
         flags = (" held" if w["hold"] else "") + (" stale" if w["stale"] else "")
         console.print(
             f"{w['name']:<32} {w['status']:<16} {w['action']:<12} {w['agent_name']}{flags}",
+            highlight=False,
+        )
+
+
+@app.command("reset-chain")
+def reset_chain_cmd(
+    name: Annotated[str, typer.Argument(help="Agent name.")],
+    note: Annotated[str, typer.Option("--note", help="Why (kept in the audit log).")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Let an agent that lost its chain state start a new chain (audited; its next token is
+    reported to policy as chain_reset)."""
+    with user_errors():
+        svc = _service()
+        try:
+            out = svc.reset_chain(name, _actor(), note)
+        finally:
+            svc.close()
+    if as_json:
+        print_json(out)
+    else:
+        console.print(
+            f"reset the chain of {name} (was at seq {out['previous_seq']}): "
+            "its next token starts a new chain",
             highlight=False,
         )
 

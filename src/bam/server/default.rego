@@ -81,6 +81,10 @@ findings contains {"reason": sprintf("chain_gap: %d token(s) missing", [input.ev
 	input.evidence.chain_gap
 }
 
+findings contains {"reason": "chain_reset: an operator reset this agent's evidence chain; this token starts a new one", "status": "warning", "action": "investigate"} if {
+	input.evidence.chain_reset
+}
+
 findings contains {"reason": "stale: no evidence within the reporting interval", "status": "warning", "action": "investigate"} if {
 	input.workload.stale
 }

@@ -464,7 +464,7 @@ def evaluate(policy: PolicyVersion, document: dict[str, Any]) -> Decision:
 
 
 def sample_inputs() -> list[dict[str, Any]]:
-    """Inputs a policy must decide at upload: healthy, attacked, gap, stale, mismatched."""
+    """Inputs a policy must decide at upload: healthy, attacked, gap, reset, stale, mismatched."""
     base: dict[str, Any] = {
         "trigger": "evidence",
         "agent": {"id": "agt_sample", "name": "sample", "tpm": False},
@@ -495,8 +495,10 @@ def sample_inputs() -> list[dict[str, Any]]:
         },
     }
     base["evidence"]["chain_missing"] = 0
+    base["evidence"]["chain_reset"] = False
     attacked = _merge(base, {"behavior": {"severity": "critical", "label": "exploit"}})
     gap = _merge(base, {"evidence": {"chain_gap": True, "chain_missing": 2}})
+    reset = _merge(base, {"evidence": {"seq": 40, "chain_reset": True}})
     mismatch = _merge(
         base,
         {
@@ -508,7 +510,7 @@ def sample_inputs() -> list[dict[str, Any]]:
     )
     stale = _merge(base, {"trigger": "stale", "workload": {"stale": True}})
     stale["behavior"] = None
-    return [base, attacked, gap, mismatch, stale]
+    return [base, attacked, gap, reset, mismatch, stale]
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

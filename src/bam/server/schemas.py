@@ -281,6 +281,15 @@ class AgentList(BaseModel):
     agents: list[AgentOut]
 
 
+class ChainResetOut(BaseModel):
+    name: str
+    previous_seq: int
+    """The chain head the server held before the reset."""
+    epoch: int
+    """The new chain's epoch (resets so far)."""
+    reset_at: float
+
+
 class ServerKeyOut(BaseModel):
     kid: str
     alg: str

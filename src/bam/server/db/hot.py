@@ -51,6 +51,7 @@ AGENT_COLUMNS = (
     "tpm_restart",
     "tpm_safe",
     "tpm_ak",
+    "chain_epoch",
 )
 WORKLOAD_COLUMNS = (
     "id",
@@ -102,13 +103,13 @@ _CHAIN_SET = (
     "UPDATE agents SET last_seq = :seq, last_digest = :digest, last_nonce = :nonce,"
     " last_evidence_at = :now, tpm_clock = :tpm_clock, tpm_reset = :tpm_reset,"
     " tpm_restart = :tpm_restart, tpm_safe = :tpm_safe, tpm_ak = :tpm_ak"
-    " WHERE id = :agent AND last_seq = :old_seq"
+    " WHERE id = :agent AND last_seq = :old_seq AND chain_epoch = :epoch"
 )
 MOVE_CHAIN = _CHAIN_SET
 _EVIDENCE_VALUES = (
-    "INSERT INTO evidence (digest, agent_id, workload_id, seq, iat, received_at, severity,"
-    " label, score, window_end, token) VALUES (:digest, :agent, :wid, :seq, :iat, :now,"
-    " :severity, :label, :score, :window_end, :token)"
+    "INSERT INTO evidence (digest, agent_id, workload_id, chain_epoch, seq, iat, received_at,"
+    " severity, label, score, window_end, token) VALUES (:digest, :agent, :wid, :epoch, :seq,"
+    " :iat, :now, :severity, :label, :score, :window_end, :token)"
 )
 INSERT_EVIDENCE = _EVIDENCE_VALUES + " RETURNING id"
 _RESULT_COLUMNS = (

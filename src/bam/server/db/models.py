@@ -64,6 +64,8 @@ class Agent(Base):
     tpm_restart: Mapped[int | None] = mapped_column(BigInteger)
     tpm_safe: Mapped[bool | None] = mapped_column(Boolean)
     tpm_ak: Mapped[str | None] = mapped_column(String(64))
+    chain_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How many times an operator reset the chain (each reset starts a new one at seq 1)."""
 
 
 class EnrolToken(Base):
@@ -137,7 +139,7 @@ class Evidence(Base):
 
     __tablename__ = "evidence"
     __table_args__ = (
-        UniqueConstraint("agent_id", "seq", name="uq_evidence_agent_seq"),
+        UniqueConstraint("agent_id", "chain_epoch", "seq", name="uq_evidence_agent_epoch_seq"),
         Index("ix_evidence_workload_id", "workload_id", "id"),
     )
 
@@ -145,6 +147,7 @@ class Evidence(Base):
     digest: Mapped[str] = mapped_column(String(64), unique=True)
     agent_id: Mapped[str] = mapped_column(String(40))
     workload_id: Mapped[int] = mapped_column(BigInteger)
+    chain_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     seq: Mapped[int] = mapped_column(BigInteger)
     iat: Mapped[float] = mapped_column(Float)
     received_at: Mapped[float] = mapped_column(Float)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 
 from bam.server import deps, metrics
 from bam.server.auth import Operator
@@ -21,6 +21,7 @@ from bam.server.schemas import (
     AgentOut,
     AuditList,
     AuditOut,
+    ChainResetOut,
     EnrolTokenIn,
     EnrolTokenOut,
     EvidenceList,
@@ -166,6 +167,15 @@ def audit(
 @router.get("/agents", response_model=AgentList)
 def agents(_: Viewer, svc: Svc) -> AgentList:
     return AgentList(agents=[AgentOut(**a) for a in svc.agents()])
+
+
+@router.post("/agents/{name}/reset-chain", response_model=ChainResetOut)
+def reset_chain(
+    name: Annotated[str, Path(min_length=1, max_length=128)], body: AckIn, op: Admin, svc: Svc
+) -> ChainResetOut:
+    """Let an agent that lost its chain state (``seq_replay``/``chain_broken``) start a new
+    chain; its first token is reported to policy as ``chain_reset`` (audited)."""
+    return ChainResetOut(**svc.reset_chain(name, op.actor, body.note))
 
 
 @router.get("/server-key", response_model=ServerKeyOut)

@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping, insert, or_, select, update
 
-from bam.evidence.canonical import b64url_decode
+from bam.evidence.canonical import ZERO_DIGEST, b64url_decode
 from bam.evidence.errors import KeyStoreError, VerificationError
 from bam.evidence.keys.base import VerificationKey
 from bam.server.auth import (
@@ -138,6 +138,44 @@ class EnrolmentMixin(ServiceCore):
             if n != 1:
                 raise ServerError(404, "agent_unknown", f"no enrolled agent named {name!r}")
             self.audit(conn, actor, "agent_revoked", None, {"name": name}, now)
+
+    def reset_chain(self, name: str, actor: str, note: str = "") -> dict[str, Any]:
+        """Let an agent that lost its chain state start a new chain (audited).
+
+        A new chain epoch starts: the agent's next token is accepted as a first token (its
+        ``bam_seq`` and ``bam_prev`` link to nothing; nonces still make it single-use), stored
+        under the new epoch and reported to policy as ``chain_reset``; the TPM clock history
+        starts again with it too. Why an operator and
+        not the agent: a chain that no longer links is what a rolled-back or cloned agent
+        looks like, so only a person who knows why may let it continue.
+        """
+        now = time.time()
+        with self.write() as conn:
+            row = (
+                conn.execute(select(A).where(A.c.name == name, A.c.revoked_at.is_(None)))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise ServerError(404, "agent_unknown", f"no enrolled agent named {name!r}")
+            conn.execute(
+                update(A)
+                .where(A.c.id == row["id"])
+                .values(
+                    last_seq=0,
+                    last_digest=ZERO_DIGEST,
+                    last_nonce=None,
+                    tpm_clock=None,
+                    tpm_reset=None,
+                    tpm_restart=None,
+                    tpm_safe=None,
+                    chain_epoch=row["chain_epoch"] + 1,
+                )
+            )
+            epoch = row["chain_epoch"] + 1
+            detail = {"name": name, "last_seq": row["last_seq"], "epoch": epoch, "note": note}
+            self.audit(conn, actor, "agent_chain_reset", None, detail, now)
+        return {"name": name, "previous_seq": row["last_seq"], "epoch": epoch, "reset_at": now}
 
     def _agent_by_kid(self, conn: Connection, kid: str) -> RowMapping:
         row = conn.execute(SEL_AGENT_BY_KID, {"kid": kid}).mappings().first()

@@ -365,6 +365,7 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
             "h": nonce_h,
             "now": now,
             "old_seq": agent["last_seq"],
+            "epoch": agent["chain_epoch"],
             "seq": claims.bam_seq,
             "digest": digest,
             "nonce": claims.eat_nonce,
@@ -536,6 +537,8 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
                 "tpm": claims.submods.tpm is not None,
                 "chain_gap": missing > 0,
                 "chain_missing": missing,
+                # the first token after an operator reset the chain (it links to nothing)
+                "chain_reset": agent["last_seq"] == 0 and agent["chain_epoch"] > 0,
             },
             "measurements": {
                 "reference": bool(ref),

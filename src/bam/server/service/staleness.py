@@ -45,6 +45,7 @@ class StalenessMixin(AppraisalMixin):
                     "tpm": False,
                     "chain_gap": False,
                     "chain_missing": 0,
+                    "chain_reset": False,
                 },
                 "measurements": {
                     "reference": bool(wl["reference"]),
