@@ -187,3 +187,31 @@ def test_strict_json() -> None:
         with pytest.raises(VerificationError) as e:
             strict_json_object(bad, "x")
         assert e.value.reason == "malformed"
+
+
+def test_verification_key_checks_signatures_with_its_one_algorithm() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    msg = b"header.payload"
+    ed = Ed25519PrivateKey.generate()
+    ed_vk = VerificationKey.from_public_key(ed.public_key())
+    sig = ed.sign(msg)
+    assert ed_vk.verify(msg, sig)
+    assert not ed_vk.verify(msg + b"x", sig)
+    assert not ed_vk.verify(msg, sig[:-1] + bytes([sig[-1] ^ 1]))
+    assert not ed_vk.verify(msg, sig[:63])  # wrong length: refused, not an exception
+    assert not ed_vk.verify(msg, b"")
+    other = VerificationKey.from_public_key(Ed25519PrivateKey.generate().public_key())
+    assert not other.verify(msg, sig)
+
+    p256 = ec.generate_private_key(ec.SECP256R1())
+    es_vk = VerificationKey.from_public_key(p256.public_key())
+    r, s = decode_dss_signature(p256.sign(msg, ec.ECDSA(hashes.SHA256())))
+    raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    assert es_vk.verify(msg, raw)
+    assert not es_vk.verify(msg + b"x", raw)
+    assert not es_vk.verify(msg, raw[:32])
+    # a signature of one algorithm never verifies under a key of the other
+    assert not es_vk.verify(msg, sig)
+    assert not ed_vk.verify(msg, raw)

@@ -14,7 +14,7 @@ from bam.cli._common import console, err_console, print_json, user_errors
 from bam.cli.bench import app as bench_app
 from bam.evidence.errors import EvidenceError, VerificationError
 
-# The evidence library (pydantic models, cryptography, PyJWT) is imported inside the commands,
+# The evidence library (pydantic models, cryptography, PyNaCl) is imported inside the commands,
 # so that `bam --help` and other command groups do not pay for it.
 if TYPE_CHECKING:
     from bam.evidence.keys import Signer, VerificationKey

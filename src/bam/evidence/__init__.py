@@ -8,7 +8,7 @@ Agent side: :func:`~bam.evidence.measure.collect_measurements`, a
 Verifier side (pure Python, no TPM needed): :func:`verify_token`.
 
 Names are imported lazily (PEP 562), so ``import bam.evidence.errors`` or the CLI's start-up
-does not load pydantic models, cryptography and PyJWT until they are used.
+does not load pydantic models, cryptography and PyNaCl until they are used.
 """
 
 from __future__ import annotations

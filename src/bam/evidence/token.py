@@ -2,8 +2,9 @@
 
 The token is signed by a :class:`~bam.evidence.keys.base.Signer` (software Ed25519 → ``EdDSA``,
 TPM P-256 → ``ES256``). Compact serialisation is done here rather than by a JOSE library
-because the signature may come from a TPM; verification, where mistakes are costly, goes
-through PyJWT (see :mod:`bam.evidence.verify`).
+because the signature may come from a TPM; verification, where mistakes are costly, is
+strict and checked against an independent JOSE library in the tests (see
+:mod:`bam.evidence.verify`).
 
 Chain: each agent numbers its tokens (``bam_seq`` = 1, 2, …) and puts the sha256 of the
 previous token's exact text in ``bam_prev`` (64 zeros for the first). A verifier holding token

@@ -21,12 +21,6 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-
 from bam.evidence.canonical import b64url_decode, b64url_encode
 from bam.evidence.errors import VerificationError
 from bam.evidence.keys.base import Signer, VerificationKey
@@ -90,19 +84,7 @@ def parse_signature_header(value: str | None) -> SignatureHeader:
 
 def verify_raw_signature(vk: VerificationKey, message: bytes, signature: bytes) -> bool:
     """JWS-style signature check (Ed25519, or ECDSA P-256 as raw ``r || s``)."""
-    try:
-        if isinstance(vk.key, Ed25519PublicKey):
-            vk.key.verify(signature, message)
-            return True
-        if isinstance(vk.key, ec.EllipticCurvePublicKey) and len(signature) == 64:
-            der = encode_dss_signature(
-                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-            )
-            vk.key.verify(der, message, ec.ECDSA(hashes.SHA256()))
-            return True
-    except InvalidSignature:
-        return False
-    return False
+    return vk.verify(message, signature)
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+import nacl.bindings
+import nacl.exceptions
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from bam.evidence.canonical import b64url_decode, b64url_encode, jcs
 from bam.evidence.errors import KeyStoreError, VerificationError
@@ -194,6 +197,39 @@ class VerificationKey:
     def ueid(self) -> str:
         """The ``ueid`` an agent signing with this key must claim."""
         return ueid_for(self.kid)
+
+    @cached_property
+    def _ed25519_raw(self) -> bytes:
+        assert isinstance(self.key, Ed25519PublicKey)
+        return self.key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` (JWS form: Ed25519, or P-256 as raw ``r || s``) signs
+        ``message`` under this key, with the key's one algorithm.
+
+        Ed25519 goes through libsodium (PyNaCl): on this project's machines it verifies in
+        about half the time OpenSSL takes, and it is the check every evidence token and agent
+        request pays. libsodium is also the stricter of the two (non-canonical encodings and
+        small-order keys are refused), so it accepts nothing OpenSSL would not.
+        """
+        if self.alg == ALG_EDDSA:
+            if len(signature) != 64:
+                return False
+            try:
+                nacl.bindings.crypto_sign_open(signature + message, self._ed25519_raw)
+            except (nacl.exceptions.CryptoError, ValueError, TypeError):
+                return False
+            return True
+        if not isinstance(self.key, ec.EllipticCurvePublicKey) or len(signature) != 64:
+            return False
+        der = encode_dss_signature(
+            int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        )
+        try:
+            self.key.verify(der, message, ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            return False
+        return True
 
     def pem(self) -> str:
         """SubjectPublicKeyInfo PEM of the key."""
