@@ -12,8 +12,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -23,6 +24,8 @@ from bam.cli._common import console, print_json, user_errors
 if TYPE_CHECKING:
     from bam.server.service import Service
     from bam.server.settings import ServerSettings
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="The attestation server: `bam server` runs it; subcommands administer it.",
@@ -60,6 +63,16 @@ def _service(settings: ServerSettings | None = None) -> Service:
     from bam.server.service import Service
 
     return Service(settings or _settings())
+
+
+def _with_service(fn: Callable[[Service], T]) -> T:
+    """``fn(service)`` with the service closed after it and its errors shown as user errors."""
+    with user_errors():
+        svc = _service()
+        try:
+            return fn(svc)
+        finally:
+            svc.close()
 
 
 def _write_secret(path: Path, text: str) -> None:
@@ -195,22 +208,15 @@ def token_create_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a one-time enrolment token for an agent (or, with --operator, an API token)."""
-    with user_errors():
-        svc = _service()
-        try:
-            if operator is not None:
-                token = svc.create_operator_token(operator, role, _actor())
-                out: dict[str, Any] = {
-                    "kind": "operator",
-                    "name": operator,
-                    "role": role,
-                    "token": token,
-                }
-            else:
-                token, expires = svc.create_enrol_token(_actor(), note, ttl)
-                out = {"kind": "enrol", "token": token, "expires_at": expires}
-        finally:
-            svc.close()
+
+    def create(svc: Service) -> dict[str, Any]:
+        if operator is not None:
+            token = svc.create_operator_token(operator, role, _actor())
+            return {"kind": "operator", "name": operator, "role": role, "token": token}
+        token, expires = svc.create_enrol_token(_actor(), note, ttl)
+        return {"kind": "enrol", "token": token, "expires_at": expires}
+
+    out = _with_service(create)
     if as_json:
         print_json(out)
     else:
@@ -220,12 +226,7 @@ def token_create_cmd(
 @token_app.command("revoke")
 def token_revoke_cmd(name: Annotated[str, typer.Argument(help="Operator token name.")]) -> None:
     """Revoke an operator API token."""
-    with user_errors():
-        svc = _service()
-        try:
-            svc.revoke_operator_token(name, _actor())
-        finally:
-            svc.close()
+    _with_service(lambda svc: svc.revoke_operator_token(name, _actor()))
     console.print(f"revoked {name}", highlight=False)
 
 
@@ -243,11 +244,7 @@ def policy_set_cmd(
             source = file.read_text("utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ServerError(422, "policy_unreadable", f"{file}: {e}") from None
-        svc = _service()
-        try:
-            pv, _ = svc.set_policy(source, _actor(), name)
-        finally:
-            svc.close()
+    pv, _ = _with_service(lambda svc: svc.set_policy(source, _actor(), name))
     out = {"policy_id": pv.policy_id, "version": pv.version, "sha256": pv.sha256}
     if as_json:
         print_json(out)
@@ -258,12 +255,7 @@ def policy_set_cmd(
 @policy_app.command("show")
 def policy_show_cmd(as_json: JsonOpt = False) -> None:
     """Print the policy in force."""
-    with user_errors():
-        svc = _service()
-        try:
-            pv = svc.active_policy()
-        finally:
-            svc.close()
+    pv = _with_service(lambda svc: svc.active_policy())
     if as_json:
         print_json({"policy_id": pv.policy_id, "sha256": pv.sha256, "source": pv.source})
     else:
@@ -273,15 +265,8 @@ def policy_show_cmd(as_json: JsonOpt = False) -> None:
 @policy_app.command("list")
 def policy_list_cmd(as_json: JsonOpt = False) -> None:
     """List stored policy versions (newest first)."""
-    with user_errors():
-        svc = _service()
-        try:
-            rows = [
-                {k: r[k] for k in ("name", "version", "sha256", "created_at", "created_by")}
-                for r in svc.policy_rows()
-            ]
-        finally:
-            svc.close()
+    keys = ("name", "version", "sha256", "created_at", "created_by")
+    rows = [{k: r[k] for k in keys} for r in _with_service(lambda svc: svc.policy_rows())]
     if as_json:
         print_json({"policies": rows})
         return
@@ -300,12 +285,7 @@ def ack_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Acknowledge a contraindicated workload: releases its hold (audited)."""
-    with user_errors():
-        svc = _service()
-        try:
-            out = svc.ack(workload, _actor(), note)
-        finally:
-            svc.close()
+    out = _with_service(lambda svc: svc.ack(workload, _actor(), note))
     if as_json:
         print_json(out)
     else:
@@ -317,12 +297,7 @@ def ack_cmd(
 @app.command("workloads")
 def workloads_cmd(as_json: JsonOpt = False) -> None:
     """List workloads with their trust status."""
-    with user_errors():
-        svc = _service()
-        try:
-            rows = svc.workloads()
-        finally:
-            svc.close()
+    rows = _with_service(lambda svc: svc.workloads())
     if as_json:
         print_json({"workloads": rows})
         return
@@ -342,12 +317,7 @@ def reset_chain_cmd(
 ) -> None:
     """Let an agent that lost its chain state start a new chain (audited; its next token is
     reported to policy as chain_reset)."""
-    with user_errors():
-        svc = _service()
-        try:
-            out = svc.reset_chain(name, _actor(), note)
-        finally:
-            svc.close()
+    out = _with_service(lambda svc: svc.reset_chain(name, _actor(), note))
     if as_json:
         print_json(out)
     else:
@@ -361,10 +331,5 @@ def reset_chain_cmd(
 @app.command("revoke-agent")
 def revoke_agent_cmd(name: Annotated[str, typer.Argument(help="Agent name.")]) -> None:
     """Revoke an agent: its key is no longer accepted."""
-    with user_errors():
-        svc = _service()
-        try:
-            svc.revoke_agent(name, _actor())
-        finally:
-            svc.close()
+    _with_service(lambda svc: svc.revoke_agent(name, _actor()))
     console.print(f"revoked agent {name}", highlight=False)
