@@ -44,6 +44,8 @@ def test_diverged_chain_is_refused_until_an_operator_resets_it(
     assert any(r.startswith("chain_reset") for r in first["result"]["reasons"])
     second = agent.client.submit(again())
     assert second["seq"] == 2
+    stored = admin.get(f"/v1/workloads/{agent.workload}/evidence")["evidence"]
+    assert sorted((e["chain_epoch"], e["seq"]) for e in stored) == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert not any(r.startswith("chain_reset") for r in second["result"]["reasons"])
     # The old chain's next token is refused now: the new chain is the one the server follows.
     old = agent.token(nonce=agent.client.challenge())  # bam_seq 3, linked to the old seq 2

@@ -147,6 +147,8 @@ class EvidenceBatchOut(BaseModel):
 
 class EvidenceRow(BaseModel):
     id: int
+    chain_epoch: int
+    """The agent's chain epoch (an operator's ``reset-chain`` starts the next one at seq 1)."""
     seq: int
     digest: str
     iat: float

@@ -71,6 +71,7 @@ class QueriesMixin(ServiceCore):
             rows = conn.execute(
                 select(
                     E.c.id,
+                    E.c.chain_epoch,
                     E.c.seq,
                     E.c.digest,
                     E.c.iat,
