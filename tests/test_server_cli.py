@@ -105,10 +105,19 @@ def test_bench_server_json_shape(home: Path) -> None:
         "1",
         "--batch",
         "4",
+        "--rounds",
+        "2",
     )
     assert code == 0, out + err
     result = json.loads(out)
-    single, batched = result["runs"]
+    # the two configurations, interleaved: single, batched, single, batched
+    assert [(r["round"], r["batch"]) for r in result["runs"]] == [(1, 1), (1, 4), (2, 1), (2, 4)]
+    summary = {s["batch"]: s for s in result["summary"]}
+    assert summary[4]["rounds"] == 2
+    lo, hi = summary[4]["evidence_per_s_range"]
+    assert lo <= summary[4]["evidence_per_s_median"] <= hi
+    assert summary[4]["errors"] == 0
+    single, batched = result["runs"][2:]
     for run in (single, batched):
         for key in ("database", "agents", "evidence_per_s", "p50_ms", "p99_ms", "errors"):
             assert key in run

@@ -37,6 +37,15 @@ def bench_server_cmd(
             "database is run one token per request and in batches of 8).",
         ),
     ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds",
+            min=1,
+            help="Run every configuration this many times, interleaved; the summary gives "
+            "medians (a shared machine's speed drifts between runs).",
+        ),
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """N agent processes send real signed evidence over HTTP; report evidence/s, p50/p99, errors."""
@@ -51,6 +60,7 @@ def bench_server_cmd(
             workers=workers,
             tls=tls,
             batches=batch or [1, 8],
+            rounds=rounds,
         )
     if as_json:
         print_json(result)
@@ -62,3 +72,13 @@ def bench_server_cmd(
             f"p50 {run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms  errors {run['errors']}",
             highlight=False,
         )
+    if rounds > 1:
+        for s in result["summary"]:
+            lo, hi = s["evidence_per_s_range"]
+            console.print(
+                f"{s['database']:<11} batch {s['batch']:>2}  median {s['evidence_per_s_median']:.1f}"
+                f" evidence/s ({lo:.0f}-{hi:.0f} over {s['rounds']} rounds)  "
+                f"p99 median {s['p99_ms_median']:.1f} ms, max {s['p99_ms_max']:.1f}  "
+                f"errors {s['errors']}",
+                highlight=False,
+            )

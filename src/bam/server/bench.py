@@ -441,19 +441,51 @@ def bench_server(
     workers: int = 2,
     tls: bool = False,
     batches: list[int] | tuple[int, ...] = (1,),
+    rounds: int = 1,
 ) -> dict[str, Any]:
-    """One run per database and batch size.
+    """One run per database and batch size, ``rounds`` times over.
 
-    Shape ``{"runs": [{database, agents, batch, evidence_per_s, p50_ms, p99_ms, errors, ...}]}``;
-    with ``batch`` > 1 each agent watches that many workloads and sends one token per workload
-    per request (``POST /v1/evidence/batch``); latency is then per request.
+    Shape ``{"runs": [{database, agents, batch, evidence_per_s, p50_ms, p99_ms, errors, ...}],
+    "summary": [...]}``; with ``batch`` > 1 each agent watches that many workloads and sends
+    one token per workload per request (``POST /v1/evidence/batch``); latency is then per
+    request. Rounds run the whole set again *interleaved* (all configurations once, then again),
+    so that a shared machine's slow and fast minutes fall on every configuration alike;
+    ``summary`` gives each configuration's median and range over the rounds.
     """
     for k in batches:
         if not 1 <= k <= 64:
             raise BamError(f"--batch {k}: expected 1 to 64 tokens per request")
-    runs = [
-        _run_one(db, agents, duration_s, warmup_s, workers, tls, k)
-        for db in databases
-        for k in batches
-    ]
-    return {"runs": runs, "cpus": os.cpu_count()}
+    if rounds < 1:
+        raise BamError(f"--rounds {rounds}: expected at least 1")
+    runs = []
+    for r in range(rounds):
+        for db in databases:
+            for k in batches:
+                run = _run_one(db, agents, duration_s, warmup_s, workers, tls, k)
+                run["round"] = r + 1
+                runs.append(run)
+    return {"runs": runs, "summary": _summary(runs), "cpus": os.cpu_count()}
+
+
+def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median (and range) of each (database, batch) configuration over its rounds."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["database"], run["batch"]), []).append(run)
+    out = []
+    for (db, batch), rs in groups.items():
+        rate = [r["evidence_per_s"] for r in rs]
+        p99 = [r["p99_ms"] for r in rs]
+        out.append(
+            {
+                "database": db,
+                "batch": batch,
+                "rounds": len(rs),
+                "evidence_per_s_median": round(statistics.median(rate), 1),
+                "evidence_per_s_range": [min(rate), max(rate)],
+                "p99_ms_median": round(statistics.median(p99), 2),
+                "p99_ms_max": max(p99),
+                "errors": sum(r["errors"] for r in rs),
+            }
+        )
+    return out
