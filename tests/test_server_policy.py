@@ -158,6 +158,7 @@ def test_default_policy_validates() -> None:
         "warning",  # chain gap
         "warning",  # chain reset
         "contraindicated",  # measurement mismatch
+        "contraindicated",  # a file threat intelligence knows
         "warning",  # stale
     ]
     assert any(r.startswith("chain_reset") for r in decisions[3].reasons)

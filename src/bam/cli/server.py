@@ -37,8 +37,13 @@ token_app = typer.Typer(
 policy_app = typer.Typer(
     help="Rego appraisal policies (validated, versioned).", no_args_is_help=True
 )
+intel_app = typer.Typer(
+    help="Threat intelligence: STIX 2.1 bundles whose file hashes evidence is checked against.",
+    no_args_is_help=True,
+)
 app.add_typer(token_app, name="token")
 app.add_typer(policy_app, name="policy")
+app.add_typer(intel_app, name="intel")
 root.add_typer(app, name="server")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
@@ -276,6 +281,60 @@ def policy_list_cmd(as_json: JsonOpt = False) -> None:
             f"{r['name']}@v{r['version']}  {when}  {r['created_by']}  {r['sha256'][:16]}",
             highlight=False,
         )
+
+
+@intel_app.command("load")
+def intel_load_cmd(
+    file: Annotated[Path, typer.Argument(help="STIX 2.1 bundle (JSON).")],
+    source: Annotated[
+        str | None,
+        typer.Option("--source", help="Feed name (default: the file name); replaces its hashes."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load the SHA-256 file-hash indicators of a STIX 2.1 bundle (audited)."""
+    from bam.server.errors import ServerError
+    from bam.server.intel import MAX_BUNDLE_BYTES
+
+    name = source or file.stem
+    with user_errors():
+        try:
+            if file.stat().st_size > MAX_BUNDLE_BYTES:
+                raise ServerError(422, "intel_invalid", f"{file}: larger than {MAX_BUNDLE_BYTES} B")
+            data = file.read_bytes()
+        except OSError as e:
+            raise ServerError(422, "intel_unreadable", f"{file}: {e.strerror or e}") from None
+    out = _with_service(lambda svc: svc.load_intel(data, name, _actor()))
+    if as_json:
+        print_json(out)
+        return
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(out["skipped"].items())) or "none"
+    console.print(
+        f"{name}: {out['hashes']} file hashes (replaced {out['replaced']}); skipped: {skipped}",
+        highlight=False,
+    )
+
+
+@intel_app.command("list")
+def intel_list_cmd(as_json: JsonOpt = False) -> None:
+    """Loaded sources and their hash counts."""
+    rows = _with_service(lambda svc: svc.intel_sources())
+    if as_json:
+        print_json({"sources": rows})
+        return
+    for r in rows:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["loaded_at"]))
+        console.print(
+            f"{r['source']:<32} {r['hashes']:>8} hashes  {when}  {r['loaded_by']}",
+            highlight=False,
+        )
+
+
+@intel_app.command("remove")
+def intel_remove_cmd(source: Annotated[str, typer.Argument(help="Source name.")]) -> None:
+    """Forget a source's indicators (audited)."""
+    n = _with_service(lambda svc: svc.remove_intel(source, _actor()))
+    console.print(f"removed {n} hashes of {source}", highlight=False)
 
 
 @app.command("ack")

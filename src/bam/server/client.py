@@ -170,3 +170,11 @@ class OperatorClient:
 
     def put(self, path: str, payload: Any) -> Any:
         return _check(self.http.put(path, json=payload))
+
+    def put_content(self, path: str, content: bytes | str) -> Any:
+        """PUT a JSON document as it is (e.g. a STIX bundle), not re-serialised."""
+        headers = {"content-type": "application/json"}
+        return _check(self.http.put(path, content=content, headers=headers))
+
+    def delete(self, path: str) -> Any:
+        return _check(self.http.delete(path))

@@ -77,6 +77,10 @@ label_is_confident_malicious if {
 	probability >= 0.8
 }
 
+findings contains {"reason": sprintf("threat_intel: %s is %s (%s)", [m.path, m.name, m.indicator]), "status": "contraindicated", "action": "isolate"} if {
+	some m in input.intel.matches
+}
+
 findings contains {"reason": sprintf("chain_gap: %d token(s) missing", [input.evidence.chain_missing]), "status": "warning", "action": "monitor"} if {
 	input.evidence.chain_gap
 }

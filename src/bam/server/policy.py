@@ -464,7 +464,8 @@ def evaluate(policy: PolicyVersion, document: dict[str, Any]) -> Decision:
 
 
 def sample_inputs() -> list[dict[str, Any]]:
-    """Inputs a policy must decide at upload: healthy, attacked, gap, reset, stale, mismatched."""
+    """Inputs a policy must decide at upload: healthy, attacked, gap, reset, mismatched, a file
+    known to threat intelligence, stale."""
     base: dict[str, Any] = {
         "trigger": "evidence",
         "agent": {"id": "agt_sample", "name": "sample", "tpm": False},
@@ -483,6 +484,7 @@ def sample_inputs() -> list[dict[str, Any]]:
             "deleted": [],
             "anon_exec_mappings": 0,
         },
+        "intel": {"matches": []},
         "behavior": {
             "severity": "none",
             "label": "normal",
@@ -508,9 +510,11 @@ def sample_inputs() -> list[dict[str, Any]]:
             }
         },
     )
+    bad_file = {"path": "/usr/bin/x", "role": "exe", "indicator": "indicator--0", "name": "sample"}
+    known_bad = {**base, "intel": {"matches": [bad_file]}}
     stale = _merge(base, {"trigger": "stale", "workload": {"stale": True}})
     stale["behavior"] = None
-    return [base, attacked, gap, reset, mismatch, stale]
+    return [base, attacked, gap, reset, mismatch, known_bad, stale]
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

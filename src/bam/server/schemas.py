@@ -283,6 +283,32 @@ class AgentList(BaseModel):
     agents: list[AgentOut]
 
 
+class IntelSourceOut(BaseModel):
+    source: str
+    hashes: int
+    loaded_at: float
+    loaded_by: str
+
+
+class IntelSourceList(BaseModel):
+    sources: list[IntelSourceOut]
+
+
+class IntelLoadOut(BaseModel):
+    source: str
+    hashes: int
+    """SHA-256 file hashes now held for this source."""
+    replaced: int
+    """Hashes the source held before (replaced by this load)."""
+    skipped: dict[str, int]
+    """Indicators not usable, by reason (revoked, expired, a pattern file hashes cannot decide)."""
+
+
+class IntelRemoveOut(BaseModel):
+    source: str
+    removed: int
+
+
 class ChainResetOut(BaseModel):
     name: str
     previous_seq: int

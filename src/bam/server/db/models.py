@@ -247,3 +247,23 @@ class RateCounter(Base):
     subject: Mapped[str] = mapped_column(String(80), primary_key=True)
     window: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
+
+
+class IntelIndicator(Base):
+    """A SHA-256 file hash that a loaded STIX 2.1 indicator names as malicious."""
+
+    __tablename__ = "intel_indicators"
+    __table_args__ = (
+        UniqueConstraint("source", "stix_id", "sha256", name="uq_intel_source_indicator_hash"),
+        Index("ix_intel_indicators_sha256", "sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    source: Mapped[str] = mapped_column(String(128))
+    """The feed it came from: loading a bundle under a source replaces that source's rows."""
+    stix_id: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(256))
+    valid_until: Mapped[float | None] = mapped_column(Float)
+    loaded_at: Mapped[float] = mapped_column(Float)
+    loaded_by: Mapped[str] = mapped_column(String(128))

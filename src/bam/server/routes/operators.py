@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from bam.server import deps, metrics
 from bam.server.auth import Operator
@@ -26,6 +27,10 @@ from bam.server.schemas import (
     EnrolTokenOut,
     EvidenceList,
     EvidenceRow,
+    IntelLoadOut,
+    IntelRemoveOut,
+    IntelSourceList,
+    IntelSourceOut,
     OperatorTokenIn,
     OperatorTokenOut,
     PolicyIn,
@@ -176,6 +181,33 @@ def reset_chain(
     """Let an agent that lost its chain state (``seq_replay``/``chain_broken``) start a new
     chain; its first token is reported to policy as ``chain_reset`` (audited)."""
     return ChainResetOut(**svc.reset_chain(name, op.actor, body.note))
+
+
+IntelSource = Annotated[
+    str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+
+
+@router.get("/intel", response_model=IntelSourceList)
+def intel_sources(_: Viewer, svc: Svc) -> IntelSourceList:
+    """Loaded threat-intelligence sources and how many file hashes each holds."""
+    return IntelSourceList(sources=[IntelSourceOut(**r) for r in svc.intel_sources()])
+
+
+@router.put("/intel/{source}", response_model=IntelLoadOut)
+async def intel_load(source: IntelSource, request: Request, op: Admin, svc: Svc) -> IntelLoadOut:
+    """Load a STIX 2.1 bundle (the request body) as ``source``, replacing what it held.
+
+    Bundles larger than the request size limit are loaded with ``bam server intel load``."""
+    body = await request.body()
+    # parsing a bundle is CPU work and the write a transaction: off the event loop
+    out = await run_in_threadpool(svc.load_intel, body, source, op.actor)
+    return IntelLoadOut(**out)
+
+
+@router.delete("/intel/{source}", response_model=IntelRemoveOut)
+def intel_remove(source: IntelSource, op: Admin, svc: Svc) -> IntelRemoveOut:
+    return IntelRemoveOut(source=source, removed=svc.remove_intel(source, op.actor))
 
 
 @router.get("/server-key", response_model=ServerKeyOut)

@@ -17,6 +17,7 @@ methods as a mixin over :class:`~bam.server.service.core.ServiceCore`:
 ``actions``               actions fetched and reported by agents
 ``queries``               read-only views (results, evidence, audit, counts)
 ``secrets``               the access gate and workload secrets
+``intel``                 loaded threat-intelligence indicators and their lookup
 ========================  ==========================================================
 """
 

@@ -31,7 +31,7 @@ from bam.server.keys import load_server_signer
 from bam.server.policy import PolicyVersion
 from bam.server.settings import ServerSettings
 
-A, T, W, N, E, R, AC, AU, P, S, OT = (
+A, T, W, N, E, R, AC, AU, P, S, OT, TI = (
     m.table(model)
     for model in (
         m.Agent,
@@ -45,6 +45,7 @@ A, T, W, N, E, R, AC, AU, P, S, OT = (
         m.Policy,
         m.Secret,
         m.OperatorToken,
+        m.IntelIndicator,
     )
 )
 
@@ -105,6 +106,7 @@ class ServiceCore:
         self.server_key = VerificationKey.from_signer(self.signer)
         self._keys: dict[str, VerificationKey] = {}
         self._policy: tuple[float, PolicyVersion] | None = None
+        self._intel: tuple[float, dict[str, list[tuple[str, str, float | None]]]] | None = None
         self._policy_lock = threading.Lock()
         self._hot = hot.Statements(self.engine.dialect.name)
         # Per event-loop thread (one per uvicorn worker), for the evidence path on SQLite.

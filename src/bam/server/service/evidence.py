@@ -48,6 +48,7 @@ from bam.server.service.appraisal import (
     workload_input,
 )
 from bam.server.service.core import E, N, R, dumps, nonce_hash
+from bam.server.service.intel import IntelMixin
 from bam.server.service.queries import QueriesMixin, result_out
 
 MAX_NONCES = 64
@@ -135,7 +136,7 @@ class _Carry:
         }
 
 
-class EvidenceMixin(AppraisalMixin, QueriesMixin):
+class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
     """Challenges and evidence."""
 
     def _insert_nonce(self, conn: Connection, agent_id: str, now: float) -> tuple[str, float]:
@@ -546,6 +547,11 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin):
                 "unknown": unknown,
                 "deleted": [f.path for f in ms.files if f.deleted],
                 "anon_exec_mappings": ms.anon_exec_mappings,
+            },
+            "intel": {
+                "matches": self.intel_matches(
+                    ((f.path, f.role, f.sha256) for f in ms.files), time.time()
+                )
             },
             "behavior": behavior,
         }

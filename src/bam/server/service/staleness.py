@@ -7,6 +7,7 @@ exactly one of them record each stale result.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from sqlalchemy import delete, func, select
 
@@ -35,7 +36,7 @@ class StalenessMixin(AppraisalMixin):
             )
         marked: list[str] = []
         for wl in rows:
-            document = {
+            document: dict[str, Any] = {
                 "trigger": "stale",
                 "agent": {"id": wl["agent_id"], "name": "", "tpm": False},
                 "workload": workload_input(wl, stale=True),
@@ -54,6 +55,7 @@ class StalenessMixin(AppraisalMixin):
                     "deleted": [],
                     "anon_exec_mappings": 0,
                 },
+                "intel": {"matches": []},
                 "behavior": None,
             }
             appraisal, decision = self._decide(wl, document, now)
