@@ -70,6 +70,18 @@ def _service(settings: ServerSettings | None = None) -> Service:
     return Service(settings or _settings())
 
 
+def _read_input(file: Path, reason: str, limit: int) -> bytes:
+    """An operator's input file, or a :class:`ServerError` ``reason`` naming it."""
+    from bam.server.errors import ServerError
+
+    try:
+        if file.stat().st_size > limit:
+            raise ServerError(422, reason, f"{file}: larger than {limit} bytes")
+        return file.read_bytes()
+    except OSError as e:
+        raise ServerError(422, reason, f"{file}: {e.strerror or e}") from None
+
+
 def _with_service(fn: Callable[[Service], T]) -> T:
     """``fn(service)`` with the service closed after it and its errors shown as user errors."""
     with user_errors():
@@ -246,9 +258,9 @@ def policy_set_cmd(
 
     with user_errors():
         try:
-            source = file.read_text("utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ServerError(422, "policy_unreadable", f"{file}: {e}") from None
+            source = _read_input(file, "policy_unreadable", 1 << 20).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ServerError(422, "policy_unreadable", f"{file}: not UTF-8 text") from None
     pv, _ = _with_service(lambda svc: svc.set_policy(source, _actor(), name))
     out = {"policy_id": pv.policy_id, "version": pv.version, "sha256": pv.sha256}
     if as_json:
@@ -293,17 +305,11 @@ def intel_load_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Load the SHA-256 file-hash indicators of a STIX 2.1 bundle (audited)."""
-    from bam.server.errors import ServerError
     from bam.server.intel import MAX_BUNDLE_BYTES
 
     name = source or file.stem
     with user_errors():
-        try:
-            if file.stat().st_size > MAX_BUNDLE_BYTES:
-                raise ServerError(422, "intel_invalid", f"{file}: larger than {MAX_BUNDLE_BYTES} B")
-            data = file.read_bytes()
-        except OSError as e:
-            raise ServerError(422, "intel_unreadable", f"{file}: {e.strerror or e}") from None
+        data = _read_input(file, "intel_unreadable", MAX_BUNDLE_BYTES)
     out = _with_service(lambda svc: svc.load_intel(data, name, _actor()))
     if as_json:
         print_json(out)
