@@ -35,6 +35,8 @@ def test_diverged_chain_is_refused_until_an_operator_resets_it(
     out = admin.post(f"/v1/agents/{agent.name}/reset-chain", {"note": "disk replaced"})
     assert out["name"] == agent.name
     assert out["previous_seq"] == 2
+    listed = {a["name"]: a for a in admin.get("/v1/agents")["agents"]}[agent.name]
+    assert (listed["chain_epoch"], listed["last_seq"]) == (1, 0)
     audit = admin.get("/v1/audit", limit=20)["audit"]
     assert any(a["event"] == "agent_chain_reset" for a in audit)
     lost = EvidenceBuilder(agent.signer)  # the refused token advanced its chain: start again

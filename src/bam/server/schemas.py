@@ -275,6 +275,8 @@ class AgentOut(BaseModel):
     tpm: bool
     enrolled_at: float
     revoked: bool
+    chain_epoch: int
+    """Chain resets so far (``bam server reset-chain``)."""
     last_seq: int
     last_evidence_at: float | None
 

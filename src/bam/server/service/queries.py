@@ -125,6 +125,7 @@ class QueriesMixin(ServiceCore):
                     "tpm": r["ak_kid"] is not None,
                     "enrolled_at": r["enrolled_at"],
                     "revoked": r["revoked_at"] is not None,
+                    "chain_epoch": r["chain_epoch"],
                     "last_seq": r["last_seq"],
                     "last_evidence_at": r["last_evidence_at"],
                 }
