@@ -326,7 +326,7 @@ class Delivery:
                 if attempt >= 2:
                     raise _RetryError(f"nonce refused {attempt + 1} times: {err}")
                 return self._round(limit, attempt + 1)
-            if out and (err.reason in CHAIN_DIVERGED or err.status in AGENT_REFUSED):
+            if out and _blocks(err):
                 return out, str(err)  # kept in flight: the next round finds it blocked
             _raise_if_blocked(err)
             if status >= 500 or status in RETRY_STATUS:
@@ -351,8 +351,7 @@ class Delivery:
         """The whole batch request was refused: nothing of it was stored."""
         if e.status >= 500 or e.status in RETRY_STATUS:
             raise _RetryError(str(e)) from None
-        if e.reason not in NONCE_REASONS:
-            _raise_if_blocked(e)  # the first token does not authenticate the agent
+        _raise_if_blocked(e)  # e.g. the first token does not authenticate the agent
         if e.status == 413:
             self.batch_max = max(1, len(rows) // 2)
             log.warning("a batch of %d is too large: now at most %d", len(rows), self.batch_max)
@@ -388,11 +387,19 @@ class _BlockedError(_RetryError):
     """The server refuses the agent itself until an operator acts: keep everything."""
 
 
+def _blocks(e: ApiError) -> bool:
+    """Whether ``e`` refuses the agent itself (see the module docstring), not one token."""
+    return e.reason in CHAIN_DIVERGED or (
+        e.status in AGENT_REFUSED and e.reason not in NONCE_REASONS
+    )
+
+
 def _raise_if_blocked(e: ApiError) -> None:
+    if not _blocks(e):
+        return
     if e.reason in CHAIN_DIVERGED:
         raise _BlockedError(
             f"{e}. The agent's chain no longer links to the server's (a wiped or restored "
             "spool?): after checking why, run `bam server reset-chain AGENT` on the server"
         ) from None
-    if e.status in AGENT_REFUSED and e.reason not in NONCE_REASONS:
-        raise _BlockedError(str(e)) from None
+    raise _BlockedError(str(e)) from None

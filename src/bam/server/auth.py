@@ -23,7 +23,7 @@ from typing import Literal
 
 from bam.evidence.canonical import b64url_decode, b64url_encode
 from bam.evidence.errors import VerificationError
-from bam.evidence.keys.base import Signer, VerificationKey
+from bam.evidence.keys.base import Signer
 from bam.server.errors import ServerError
 
 SIGNATURE_HEADER = "bam-signature"
@@ -80,11 +80,6 @@ def parse_signature_header(value: str | None) -> SignatureHeader:
     if not kid or len(kid) > 64 or not kid.isascii():
         raise ServerError(401, "auth_invalid", "BAM-Signature kid is not a key thumbprint")
     return SignatureHeader(kid, ts, sig)
-
-
-def verify_raw_signature(vk: VerificationKey, message: bytes, signature: bytes) -> bool:
-    """JWS-style signature check (Ed25519, or ECDSA P-256 as raw ``r || s``)."""
-    return vk.verify(message, signature)
 
 
 @dataclass(frozen=True)

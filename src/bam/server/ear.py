@@ -106,9 +106,7 @@ def verify_ear(token: str, key: VerificationKey) -> dict[str, Any]:
     if header.get("kid") != key.kid or header.get("alg") != key.alg:
         raise VerificationError("unknown_key", "EAR was not signed by this server key")
     signature = b64url_decode(parts[2], "signature")
-    from bam.server.auth import verify_raw_signature
-
-    if not verify_raw_signature(key, f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
+    if not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
         raise VerificationError("bad_signature", "EAR signature does not verify")
     claims = strict_json_object(b64url_decode(parts[1], "payload"), "payload")
     if claims.get("eat_profile") != EAR_PROFILE:

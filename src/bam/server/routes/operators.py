@@ -45,6 +45,7 @@ from bam.server.schemas import (
     WorkloadOut,
 )
 from bam.server.service import Service
+from bam.server.service.intel import SOURCE_PATTERN
 
 router = APIRouter(prefix="/v1", tags=["operators"])
 
@@ -183,9 +184,7 @@ def reset_chain(
     return ChainResetOut(**svc.reset_chain(name, op.actor, body.note))
 
 
-IntelSource = Annotated[
-    str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-]
+IntelSource = Annotated[str, Path(min_length=1, max_length=128, pattern=SOURCE_PATTERN)]
 
 
 @router.get("/intel", response_model=IntelSourceList)

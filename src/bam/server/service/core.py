@@ -106,7 +106,10 @@ class ServiceCore:
         self.server_key = VerificationKey.from_signer(self.signer)
         self._keys: dict[str, VerificationKey] = {}
         self._policy: tuple[float, PolicyVersion] | None = None
-        self._intel: tuple[float, dict[str, list[tuple[str, str, float | None]]]] | None = None
+        # (checked at, table version, sha256 -> indicators): see bam.server.service.intel
+        self._intel: (
+            tuple[float, tuple[Any, ...], dict[str, list[tuple[str, str, float | None]]]] | None
+        ) = None
         self._policy_lock = threading.Lock()
         self._hot = hot.Statements(self.engine.dialect.name)
         # Per event-loop thread (one per uvicorn worker), for the evidence path on SQLite.

@@ -23,7 +23,6 @@ from bam.server.auth import (
     parse_signature_header,
     request_message,
     token_hash,
-    verify_raw_signature,
 )
 from bam.server.errors import ServerError
 from bam.server.service.core import SEL_AGENT_BY_KID, A, ServiceCore, T, dumps
@@ -74,7 +73,7 @@ class EnrolmentMixin(ServiceCore):
             sig = b64url_decode(proof, "proof")
         except VerificationError:
             raise ServerError(422, "proof_invalid", "proof is not base64url") from None
-        if not verify_raw_signature(vk, enrol_message(token, vk.kid), sig):
+        if not vk.verify(enrol_message(token, vk.kid), sig):
             raise ServerError(
                 401, "proof_invalid", "proof is not a signature by the key over the token"
             )
@@ -145,9 +144,9 @@ class EnrolmentMixin(ServiceCore):
         A new chain epoch starts: the agent's next token is accepted as a first token (its
         ``bam_seq`` and ``bam_prev`` link to nothing; nonces still make it single-use), stored
         under the new epoch and reported to policy as ``chain_reset``; the TPM clock history
-        starts again with it too. Why an operator and
-        not the agent: a chain that no longer links is what a rolled-back or cloned agent
-        looks like, so only a person who knows why may let it continue.
+        starts again with it too. Why an operator and not the agent: a chain that no longer
+        links is what a rolled-back or cloned agent looks like, so only a person who knows why
+        may let it continue.
         """
         now = time.time()
         with self.write() as conn:
@@ -158,6 +157,7 @@ class EnrolmentMixin(ServiceCore):
             )
             if row is None:
                 raise ServerError(404, "agent_unknown", f"no enrolled agent named {name!r}")
+            epoch = row["chain_epoch"] + 1
             conn.execute(
                 update(A)
                 .where(A.c.id == row["id"])
@@ -169,10 +169,9 @@ class EnrolmentMixin(ServiceCore):
                     tpm_reset=None,
                     tpm_restart=None,
                     tpm_safe=None,
-                    chain_epoch=row["chain_epoch"] + 1,
+                    chain_epoch=epoch,
                 )
             )
-            epoch = row["chain_epoch"] + 1
             detail = {"name": name, "last_seq": row["last_seq"], "epoch": epoch, "note": note}
             self.audit(conn, actor, "agent_chain_reset", None, detail, now)
         return {"name": name, "previous_seq": row["last_seq"], "epoch": epoch, "reset_at": now}
@@ -196,7 +195,7 @@ class EnrolmentMixin(ServiceCore):
         with self.read() as conn:
             agent = self._agent_by_kid(conn, sig.kid)
         vk = self._vk(agent["jwk"])
-        if not verify_raw_signature(vk, request_message(method, path, sig.ts, body), sig.sig):
+        if not vk.verify(request_message(method, path, sig.ts, body), sig.sig):
             raise ServerError(
                 401, "bad_signature", "BAM-Signature does not verify with the pinned key"
             )

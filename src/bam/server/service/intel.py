@@ -2,9 +2,10 @@
 
 A bundle is loaded under a *source* name (the feed); loading again replaces that source's
 indicators in one transaction, so a feed refresh never leaves a half-old, half-new list. The
-lookup table is cached per process for ``policy_refresh_s``, like the policy in force, so a
-replica notices another replica's load within that time and the evidence path pays one dict
-lookup per measured file.
+lookup table is kept per process and checked every ``policy_refresh_s``, like the policy in
+force, so a replica notices another replica's load within that time; the check reads one
+row (the table's count and newest id) and the table itself only when that changed, and the
+evidence path pays one dict lookup per measured file.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from bam.server.errors import ServerError
 from bam.server.intel import IntelError, parse_bundle
 from bam.server.service.core import TI, ServiceCore
 
-_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SOURCE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+"""A source (feed) name; the API's path parameter is checked against the same pattern."""
+_SOURCE = re.compile(SOURCE_PATTERN)
 
 IntelIndex = dict[str, list[tuple[str, str, float | None]]]
 """sha256 -> [(indicator id, name, valid until)]."""
@@ -92,15 +95,22 @@ class IntelMixin(ServiceCore):
             return [dict(r) for r in rows]
 
     def intel_index(self) -> IntelIndex:
-        """The loaded hashes, cached for ``policy_refresh_s``."""
+        """The loaded hashes, re-checked every ``policy_refresh_s`` (see the module doc)."""
         cached = self._intel
-        if cached is not None and time.monotonic() - cached[0] < self.settings.policy_refresh_s:
-            return cached[1]
-        index: IntelIndex = {}
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < self.settings.policy_refresh_s:
+            return cached[2]
         with self.read() as conn:
-            for r in conn.execute(select(TI.c.sha256, TI.c.stix_id, TI.c.name, TI.c.valid_until)):
-                index.setdefault(r.sha256, []).append((r.stix_id, r.name, r.valid_until))
-        self._intel = (time.monotonic(), index)
+            # every load inserts new ids and every removal lowers the count
+            version = tuple(conn.execute(select(func.count(), func.max(TI.c.id))).one())
+            if cached is not None and cached[1] == version:
+                index = cached[2]
+            else:
+                index = {}
+                rows = conn.execute(select(TI.c.sha256, TI.c.stix_id, TI.c.name, TI.c.valid_until))
+                for r in rows:
+                    index.setdefault(r.sha256, []).append((r.stix_id, r.name, r.valid_until))
+        self._intel = (now, version, index)
         return index
 
     def intel_matches(
