@@ -24,6 +24,7 @@ import pytest
 
 from bam.agent.config import AgentSettings
 from bam.agent.runner import Agent
+from bam.evidence.claims import Measurements
 from bam.server.client import OperatorClient
 from bam.server.harness import ServerProcess
 from bam.server.service import Service
@@ -367,3 +368,50 @@ def test_revoked_agent_keeps_its_observations_and_does_not_raise(
     assert agent.spool.pending_count() == 1
     assert not agent.delivery.server_up
     agent.close()
+
+
+def _files_of(token: str) -> list[Any]:
+    body = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    return list(claims["submods"]["measurements"]["files"])
+
+
+def test_files_go_by_reference_once_stored_and_in_full_when_the_server_lacks_them(
+    server: ServerProcess, admin_token: str, tmp_path: Path
+) -> None:
+    wls = ["wl-f1", "wl-f2"]
+    agent = _agent(_settings(server, admin_token, tmp_path, "agent-files"), wls)
+    calls = _Calls(agent)
+    unique = {"role": "config", "path": f"/etc/bam-test-{time.time_ns()}", "sha256": "d" * 64}
+    payloads = []
+    for wl in wls:
+        p = _payload(wl)
+        p["measurements"]["files"].append({**unique, "size": 1})
+        payloads.append(p)
+    # Both observations carry the same new list: the first token in full, the second
+    # (signed in the same batch, before the server acknowledged the first) also in full.
+    for wl, p in zip(wls, payloads, strict=True):
+        agent.spool.push(wl, "none", p)
+    assert [d.ok for d in agent.delivery.pump()] == [True, True]
+    assert [len(_files_of(t)) for t in calls.tokens] == [3, 3]
+    # Acknowledged: from now on the list goes by its digest.
+    for wl, p in zip(wls, payloads, strict=True):
+        agent.spool.push(wl, "none", p)
+    assert [d.ok for d in agent.delivery.pump()] == [True, True]
+    assert [len(_files_of(t)) for t in calls.tokens[2:]] == [0, 0]
+
+    # An agent that believes the server holds a list it does not (a restored server database):
+    # refused as measurements_unknown, signed again in full, delivered, no chain gap.
+    other = _payload(wls[0])
+    other["measurements"]["files"].append({**unique, "path": unique["path"] + ".2", "size": 2})
+    ms = Measurements.model_validate(other["measurements"])
+    digest = agent.builder.files_digest(ms)
+    assert digest is not None
+    agent.delivery.server_files.add(digest)
+    agent.spool.push(wls[0], "none", other)
+    out = agent.delivery.pump()
+    assert [(d.seq, d.ok) for d in out] == [(5, True)]
+    assert [len(_files_of(t)) for t in calls.tokens[4:]] == [0, 3]  # refused, then in full
+    assert digest in agent.delivery.server_files  # acknowledged this time
+    agent.close()
+    assert [seq for seq, _ in _chain(server, admin_token, wls)] == [1, 2, 3, 4, 5]

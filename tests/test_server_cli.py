@@ -34,7 +34,7 @@ def test_init_makes_database_key_tls_and_admin_token(home: Path) -> None:
     server_dir = home / "data" / "server"
     assert info["database"].startswith("sqlite:///")
     assert (server_dir / "bam.db").exists()
-    assert info["schema_revision"] == "0003"
+    assert info["schema_revision"] == "0004"
     assert info["policy"] == "bam-default@v1"
     assert info["admin_token"].startswith("bamop_")
     token_file = Path(info["admin_token_file"])

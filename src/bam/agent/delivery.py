@@ -25,6 +25,12 @@ links to the server's (``seq_replay``, ``chain_broken``: a wiped or restored spo
 agent). Dropping observations one by one would lose them all for nothing, so everything stays
 spooled, the reason is logged once as an error and shown as ``blocked``, and the agent asks
 again once a minute (after ``bam server reset-chain`` for a diverged chain).
+
+Measured files by reference: once the server has stored a token carrying a workload's file
+list, later tokens with the same list give only its digest (``files_sha256``), which is most
+of a token's size and of its verification cost. The agent remembers which lists the server
+acknowledged (in memory: after a restart the first token of each list is sent in full again);
+a ``measurements_unknown`` refusal forgets them all and signs the token again in full.
 """
 
 from __future__ import annotations
@@ -48,6 +54,10 @@ log = logging.getLogger("bam.agent")
 NONCE_REASONS = frozenset(
     {"nonce_expired", "nonce_unknown", "nonce_used", "nonce_stale", "nonce_reused"}
 )
+# a token that gave its files by reference to a list the server does not hold (a restored
+# database): sign it again with the list in full
+FILES_UNKNOWN = "measurements_unknown"
+RESIGN_REASONS = NONCE_REASONS | {FILES_UNKNOWN}
 RETRY_STATUS = frozenset({408, 409, 425, 429})
 # the chain no longer links to the server's head: an operator must reset it
 CHAIN_DIVERGED = frozenset({"seq_replay", "chain_broken"})
@@ -55,6 +65,8 @@ AGENT_REFUSED = frozenset({401, 403})
 BLOCKED_RETRY_S = 60.0
 MAX_BATCH = 64
 """The server's limit on tokens per batch (and nonces per challenge)."""
+MAX_SERVER_FILES = 4096
+"""File-list digests remembered as stored by the server (all forgotten when full)."""
 
 
 @dataclass
@@ -96,6 +108,9 @@ class Delivery:
         self.retry_at = 0.0
         self.down_since: float | None = None
         self.last_error: str | None = None
+        self.server_files: set[str] = set()
+        """``files_sha256`` of the lists the server has stored (tokens may refer to them)."""
+        self._signed_files: dict[int, str] = {}  # seq -> files_sha256, until answered
         self.blocked: str | None = spool.get_meta("blocked") or None
         """Why the server refuses this agent until an operator acts (None: it does not);
         kept in the spool so that ``bam agent status`` shows it."""
@@ -213,10 +228,16 @@ class Delivery:
             for i, ((p, ms, beh), nonce) in enumerate(zip(todo, nonces, strict=True)):
                 if i == 0 and drops:  # the first token reports the drops not yet reported
                     ms, beh = _claims(p.payload, drops)
-                ev = self.builder.build(nonce, ms, beh)
+                files = self.builder.files_digest(ms)
+                by_ref = files is not None and files in self.server_files
+                ev = self.builder.build(nonce, ms, beh, files_by_reference=by_ref)
                 new = self.chain.last_saved
                 assert new is not None
                 assert new.prev == ev.digest
+                if files is not None and not by_ref:
+                    self._signed_files[new.seq] = files
+                else:  # (a number re-used after a rollback)
+                    self._signed_files.pop(new.seq, None)
                 signed.append((p.id, new, ev.token))
                 self.chain.overlay = new  # the next one links to this one
         finally:
@@ -259,7 +280,8 @@ class Delivery:
         try:
             out = self.client.submit(inf.token)
         except ApiError as e:
-            if e.reason in NONCE_REASONS:
+            if e.reason in RESIGN_REASONS:
+                self._not_stored(e.reason)
                 # the server did not store it (a stored token answers "duplicate"): re-sign
                 log.info("seq %d not accepted (%s): signing it again", inf.seq, e.reason)
                 self.spool.rollback_inflight()
@@ -278,6 +300,11 @@ class Delivery:
         self, inf: InFlight, workload: str, payload: dict[str, Any], out: dict[str, Any]
     ) -> Delivered:
         res = out.get("result", {})
+        files = self._signed_files.pop(inf.seq, None)
+        if files is not None:
+            if len(self.server_files) >= MAX_SERVER_FILES:
+                self.server_files.clear()
+            self.server_files.add(files)
         self._keep_nonce(out)
         self.spool.delivered(res.get("status"), res.get("action"), seq=inf.seq)
         return Delivered(
@@ -312,7 +339,8 @@ class Delivery:
                 out.append(self._accepted(inf, workload, payload, item["evidence"]))
                 continue
             err = ApiError(status, str(item.get("reason", "")), str(item.get("message", "")))
-            if err.reason in NONCE_REASONS or err.reason == "batch_aborted":
+            if err.reason in RESIGN_REASONS or err.reason == "batch_aborted":
+                self._not_stored(err.reason)
                 # not stored, nor anything after it: sign them all again
                 log.info(
                     "seq %d..%d not accepted (%s): signing them again",
@@ -355,13 +383,22 @@ class Delivery:
         if e.status == 413:
             self.batch_max = max(1, len(rows) // 2)
             log.warning("a batch of %d is too large: now at most %d", len(rows), self.batch_max)
-        elif e.reason not in NONCE_REASONS:
+        elif e.reason not in RESIGN_REASONS:
             self.batch_max = 1
             log.warning("batch refused (%s): sending one token at a time", e)
+        self._not_stored(e.reason)
         self.spool.rollback_inflight()
         if attempt >= 2:
             raise _RetryError(f"batch refused {attempt + 1} times: {e}") from None
         return self._round(limit, attempt + 1)
+
+    def _not_stored(self, reason: str) -> None:
+        """Tokens in flight were not stored (they are signed again): forget their lists and,
+        when the server lacks a list it was thought to hold, every list."""
+        self._signed_files.clear()
+        if reason == FILES_UNKNOWN:
+            log.info("the server does not hold a measured file list: sending lists in full")
+            self.server_files.clear()
 
 
 def _claims(payload: dict[str, Any], drops: int) -> tuple[Measurements, BehaviorSummary | None]:

@@ -37,6 +37,15 @@ def bench_server_cmd(
             "database is run one token per request and in batches of 8).",
         ),
     ] = None,
+    files: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--files",
+            help="How tokens carry their 24 measured files: 'reference' (by digest once the "
+            "server holds them, as agents send them) and/or 'full' (in every token); "
+            "repeatable, default reference.",
+        ),
+    ] = None,
     rounds: Annotated[
         int,
         typer.Option(
@@ -61,6 +70,7 @@ def bench_server_cmd(
             tls=tls,
             batches=batch or [1, 8],
             rounds=rounds,
+            files=files or ["reference"],
         )
     if as_json:
         print_json(result)
@@ -68,6 +78,7 @@ def bench_server_cmd(
     for run in result["runs"]:
         console.print(
             f"{run['database']:<11} agents {run['agents']:>3}  batch {run['batch']:>2}  "
+            f"files {run['files']:<9}  "
             f"{run['evidence_per_s']:>8.1f} evidence/s  "
             f"p50 {run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms  errors {run['errors']}",
             highlight=False,
@@ -76,7 +87,8 @@ def bench_server_cmd(
         for s in result["summary"]:
             lo, hi = s["evidence_per_s_range"]
             console.print(
-                f"{s['database']:<11} batch {s['batch']:>2}  median {s['evidence_per_s_median']:.1f}"
+                f"{s['database']:<11} batch {s['batch']:>2}  files {s['files']:<9}  "
+                f"median {s['evidence_per_s_median']:.1f}"
                 f" evidence/s ({lo:.0f}-{hi:.0f} over {s['rounds']} rounds)  "
                 f"p99 median {s['p99_ms_median']:.1f} ms, max {s['p99_ms_max']:.1f}  "
                 f"errors {s['errors']}",

@@ -15,9 +15,12 @@ Submodules:
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from bam.evidence.canonical import compact_json, sha256_hex
 
 EAT_PROFILE = "tag:bam.dev,2025:eat/v1"
 """The pinned ``eat_profile``: a verifier rejects any other."""
@@ -97,10 +100,40 @@ class Measurements(_Claims):
 
     target: Target
     files: list[FileMeasurement]
+    files_sha256: Hex64 | None = None
+    """:func:`files_sha256` of ``files``. With ``files`` left empty it stands *for* them: the
+    list was sent in full by an earlier token and the verifier keeps it by this digest (as
+    Keylime's verifier asks only for IMA log entries it has not seen). A workload's files
+    rarely change between windows, and sending and checking the same ~24 hashes in every
+    token was the larger part of its size and of its verification cost. The signature
+    covers the digest, and the digest commits to the list, so a token by reference binds
+    exactly what the full token did."""
     anon_exec_mappings: SafeInt = 0
     """Executable mappings backed by no file (JIT, injected or ``memfd`` code)."""
     bam: BamMeasurement
     models: list[ModelMeasurement] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _files_digest(self) -> Measurements:
+        digest = self.files_sha256
+        if self.files and digest is not None and files_sha256(self.files) != digest:
+            raise ValueError("files_sha256 is not the digest of files")
+        return self
+
+    @property
+    def by_reference(self) -> bool:
+        """Whether ``files`` is given by its digest only (see ``files_sha256``)."""
+        return not self.files and self.files_sha256 is not None
+
+
+def files_sha256(files: Sequence[FileMeasurement | Mapping[str, Any]]) -> str:
+    """The digest a token gives its ``files`` by: sha256 of ``{"files": [...]}`` as compact,
+    key-sorted JSON (each file as its claim, unset members left out)."""
+    items = [
+        f.model_dump(mode="json", exclude_none=True) if isinstance(f, BaseModel) else f
+        for f in files
+    ]
+    return sha256_hex(compact_json({"files": items}))
 
 
 class BehaviorCounts(_Claims):

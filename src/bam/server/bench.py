@@ -4,7 +4,9 @@ Each agent process enrols with its own fresh Ed25519 key, registers a workload, 
 build and sign the next token of its chain (real measurements of 24 files of its own process,
 BAM's code digest, and a behaviour summary whose scores change every window), POST it over one
 keep-alive connection, take the next nonce from the response (no token is signed before its
-nonce is known). Latency is the client-side round trip of that POST. Figures are
+nonce is known). As a real agent does, it gives the 24 files by reference (their digest,
+``files_sha256``) once the server has stored a token carrying them in full; ``files="full"``
+sends them in every token instead. Latency is the client-side round trip of that POST. Figures are
 measured after a warm-up, over the same wall-clock window in every agent.
 
 The server runs as ``bam server run --workers W`` on loopback, over SQLite (WAL, in a
@@ -130,6 +132,7 @@ def _agent_main(
     warmup_s: float,
     duration_s: float,
     batch: int,
+    by_reference: bool,
     ready: Connection,
     go: Event,
 ) -> None:
@@ -172,6 +175,7 @@ def _agent_main(
     reasons: Counter[str] = Counter()
     window = 1_700_000_000.0
     cpu_from: float | None = None
+    stored_files = False  # the server holds this agent's file lists (after one full batch)
     while True:
         now = time.time()
         if now >= end:
@@ -182,7 +186,10 @@ def _agent_main(
         tokens = []
         for nonce, measurements in zip(nonces, measured_files, strict=True):
             behavior = _behavior(rng, window, counts)
-            tokens.append(builder.build(nonce, measurements, behavior).token)
+            ref = by_reference and stored_files
+            tokens.append(
+                builder.build(nonce, measurements, behavior, files_by_reference=ref).token
+            )
         measured = now >= measure_from
         items: list[dict[str, Any]] = []
         stored: list[dict[str, Any]] = []
@@ -197,6 +204,7 @@ def _agent_main(
             dt = time.perf_counter() - t0
             stored = [it for it in items if it["status"] == 200]
             if len(stored) == batch:
+                stored_files = True
                 nonces = [it["evidence"]["next_challenge"]["nonce"] for it in stored]
                 if measured:
                     out["latencies"].append(dt)
@@ -207,6 +215,8 @@ def _agent_main(
         except (OSError, ValueError, KeyError, TypeError) as e:
             lean.reset()
             reason = type(e).__name__
+        if reason == "measurements_unknown":
+            stored_files = False
         if measured:
             out["ok"] += len(stored)
             out["errors"] += batch - len(stored)
@@ -284,6 +294,7 @@ def _run_one(
     workers: int,
     tls: bool,
     batch: int = 1,
+    files: str = "reference",
 ) -> dict[str, Any]:
     from contextlib import ExitStack
 
@@ -335,6 +346,7 @@ def _run_one(
                     warmup_s,
                     duration_s,
                     batch,
+                    files == "reference",
                     child,
                     go,
                 ),
@@ -380,6 +392,7 @@ def _run_one(
         "database": database,
         "agents": agents,
         "batch": batch,
+        "files": files,
         "evidence_per_s": round(ok / duration_s, 1),
         "requests_per_s": round(len(latencies) / duration_s, 1),
         "p50_ms": round(_percentile(latencies, 0.5) * 1000, 2),
@@ -442,13 +455,15 @@ def bench_server(
     tls: bool = False,
     batches: list[int] | tuple[int, ...] = (1,),
     rounds: int = 1,
+    files: list[str] | tuple[str, ...] = ("reference",),
 ) -> dict[str, Any]:
     """One run per database and batch size, ``rounds`` times over.
 
     Shape ``{"runs": [{database, agents, batch, evidence_per_s, p50_ms, p99_ms, errors, ...}],
     "summary": [...]}``; with ``batch`` > 1 each agent watches that many workloads and sends
     one token per workload per request (``POST /v1/evidence/batch``); latency is then per
-    request. Rounds run the whole set again *interleaved* (all configurations once, then again),
+    request. ``files``: ``reference`` (each agent's file lists by digest once stored, as agents
+    send them) and/or ``full`` (every token carries its 24 files). Rounds run the whole set again *interleaved* (all configurations once, then again),
     so that a shared machine's slow and fast minutes fall on every configuration alike;
     ``summary`` gives each configuration's median and range over the rounds.
     """
@@ -457,29 +472,34 @@ def bench_server(
             raise BamError(f"--batch {k}: expected 1 to 64 tokens per request")
     if rounds < 1:
         raise BamError(f"--rounds {rounds}: expected at least 1")
+    for mode in files:
+        if mode not in ("reference", "full"):
+            raise BamError(f"--files {mode!r}: expected reference or full")
     runs = []
     for r in range(rounds):
         for db in databases:
             for k in batches:
-                run = _run_one(db, agents, duration_s, warmup_s, workers, tls, k)
-                run["round"] = r + 1
-                runs.append(run)
+                for mode in files:
+                    run = _run_one(db, agents, duration_s, warmup_s, workers, tls, k, mode)
+                    run["round"] = r + 1
+                    runs.append(run)
     return {"runs": runs, "summary": _summary(runs), "cpus": os.cpu_count()}
 
 
 def _summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Median (and range) of each (database, batch) configuration over its rounds."""
-    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    """Median (and range) of each (database, batch, files) configuration over its rounds."""
+    groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["database"], run["batch"]), []).append(run)
+        groups.setdefault((run["database"], run["batch"], run["files"]), []).append(run)
     out = []
-    for (db, batch), rs in groups.items():
+    for (db, batch, files), rs in groups.items():
         rate = [r["evidence_per_s"] for r in rs]
         p99 = [r["p99_ms"] for r in rs]
         out.append(
             {
                 "database": db,
                 "batch": batch,
+                "files": files,
                 "rounds": len(rs),
                 "evidence_per_s_median": round(statistics.median(rate), 1),
                 "evidence_per_s_range": [min(rate), max(rate)],

@@ -7,7 +7,8 @@ a connection checked out from the engine's pool. The statements are the same com
 and upsert rules as the rest of :mod:`bam.server.service`; only the client-side cost changes.
 
 Per evidence: two reads (agent + duplicate + rate budget; workload + nonce), then one write
-transaction. On SQLite the writer holds the database lock (``BEGIN IMMEDIATE``) and every
+transaction (plus one read the first time a process meets a file list given by reference,
+and one insert for a list given in full that is not known to be stored). On SQLite the writer holds the database lock (``BEGIN IMMEDIATE``) and every
 statement is an in-process call, so the write transaction stays a sequence of simple
 statements. On PostgreSQL every statement is a network round trip, so the write transaction is
 two statements built from data-modifying CTEs:
@@ -131,6 +132,12 @@ INSERT_NONCE = (
     "INSERT INTO nonces (nonce_hash, agent_id, issued_at, expires_at)"
     " VALUES (:next_h, :agent, :now, :next_expires)"
 )
+# A measured file list given in full for the first time (content-addressed; see MeasurementSet).
+INSERT_FILES = (
+    "INSERT INTO measurement_sets (sha256, files, created_at)"
+    " VALUES (:files_sha256, :files_json, :now) ON CONFLICT (sha256) DO NOTHING"
+)
+FILES = "SELECT files FROM measurement_sets WHERE sha256 = :files_sha256"
 INSERT_ACTION = (
     "INSERT INTO actions (workload_id, agent_id, result_id, action, reasons, created_at, state)"
     " VALUES (:wid, :agent, :result_id, :action, :reasons, :now, :state)"
@@ -183,6 +190,8 @@ class Statements:
             "INSERT_RESULT",
             "MOVE_WORKLOAD",
             "INSERT_NONCE",
+            "INSERT_FILES",
+            "FILES",
             "INSERT_ACTION",
             "INSERT_AUDIT",
             "PG_CLAIM",
@@ -201,6 +210,8 @@ class Statements:
     insert_result: str
     move_workload: str
     insert_nonce: str
+    insert_files: str
+    files: str
     insert_action: str
     insert_audit: str
     pg_claim: str

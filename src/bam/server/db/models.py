@@ -267,3 +267,20 @@ class IntelIndicator(Base):
     valid_until: Mapped[float | None] = mapped_column(Float)
     loaded_at: Mapped[float] = mapped_column(Float)
     loaded_by: Mapped[str] = mapped_column(String(128))
+
+
+class MeasurementSet(Base):
+    """A measured file list, stored once by its digest (the ``files_sha256`` tokens carry).
+
+    Content-addressed and never changed: a token may give its files as this digest only once
+    a token carrying the list in full was verified and stored (see
+    :class:`bam.evidence.claims.Measurements`). Rows are not tied to an agent or workload: the
+    digest commits to the list, whoever sent it first.
+    """
+
+    __tablename__ = "measurement_sets"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    files: Mapped[str] = mapped_column(Text)
+    """The list as JSON (each file as its claim)."""
+    created_at: Mapped[float] = mapped_column(Float)

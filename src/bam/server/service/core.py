@@ -12,6 +12,7 @@ import hashlib
 import json
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, RowMapping, bindparam, insert, select
 
+from bam.evidence.claims import FileMeasurement
 from bam.evidence.keys.base import VerificationKey
 from bam.evidence.keys.software import SoftwareSigner
 from bam.server import metrics
@@ -110,6 +112,8 @@ class ServiceCore:
         self._intel: (
             tuple[float, tuple[Any, ...], dict[str, list[tuple[str, str, float | None]]]] | None
         ) = None
+        # sha256 -> measured files stored under it: see bam.server.service.file_sets
+        self._file_sets: OrderedDict[str, tuple[FileMeasurement, ...]] = OrderedDict()
         self._policy_lock = threading.Lock()
         self._hot = hot.Statements(self.engine.dialect.name)
         # Per event-loop thread (one per uvicorn worker), for the evidence path on SQLite.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from sqlalchemy import Connection, RowMapping, insert, select
 from starlette.concurrency import run_in_threadpool
 
 from bam.evidence.canonical import b64url_decode, sha256_hex, strict_json_object
-from bam.evidence.claims import EvidenceClaims
+from bam.evidence.claims import EvidenceClaims, FileMeasurement
 from bam.evidence.errors import VerificationError
 from bam.evidence.keys.base import VerificationKey
 from bam.evidence.nonces import new_nonce
@@ -48,6 +48,7 @@ from bam.server.service.appraisal import (
     workload_input,
 )
 from bam.server.service.core import E, N, R, dumps, nonce_hash
+from bam.server.service.file_sets import Files, FileSetsMixin
 from bam.server.service.intel import IntelMixin
 from bam.server.service.queries import QueriesMixin, result_out
 
@@ -96,6 +97,8 @@ class _Write:
     workload: str
     outcome: Callable[[tuple[int, int]], EvidenceOutcome]
     """The answer, from ``(evidence_id, result_id)`` once the write has committed."""
+    new_files: tuple[str, Files] | None = None
+    """A measured file list this write stores (digest, files)."""
 
 
 @dataclass
@@ -110,6 +113,7 @@ class _Carry:
 
     agent: dict[str, Any] = field(default_factory=dict)
     workloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, Files] = field(default_factory=dict)
 
     def advance(self, w: _Write) -> None:
         """Overlay what ``w`` writes: the agent's chain head and its workload's row."""
@@ -134,9 +138,11 @@ class _Carry:
             "stale": False,
             "version": p["old"] + 1,
         }
+        if w.new_files is not None:
+            self.files[w.new_files[0]] = w.new_files[1]
 
 
-class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
+class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin, FileSetsMixin):
     """Challenges and evidence."""
 
     def _insert_nonce(self, conn: Connection, agent_id: str, now: float) -> tuple[str, float]:
@@ -345,8 +351,10 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
             else {"agent_id": row[n], "used_at": row[n + 1], "expires_at": row[n + 2]}
         )
         _check_nonce(nonce_row, agent["id"], now)  # early, cheap rejection; re-checked below
+        ms = claims.submods.measurements
+        files, files_json = self._resolve_files(cur, ms, carry.files if carry else {})
 
-        document = self._evidence_input(agent, wl, verified, missing)
+        document = self._evidence_input(agent, wl, verified, missing, files)
         appraisal, decision = self._decide(wl, document, now)
         appraisal = replace(
             appraisal, nonce=claims.eat_nonce, evidence_digest=digest, seq=claims.bam_seq
@@ -397,7 +405,24 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
             "old": wl["version"],
             "next_h": nonce_hash(next_nonce),
             "next_expires": next_expires,
+            "files_sha256": ms.files_sha256,
+            "files_json": files_json,
         }
+        fsha = ms.files_sha256
+        new_files = (fsha, files) if files_json is not None and fsha is not None else None
+
+        def outcome(ids: tuple[int, int]) -> EvidenceOutcome:
+            if new_files is not None:  # committed: this process knows it is stored
+                self._remember_files(*new_files)
+            return EvidenceOutcome(
+                ids[0],
+                digest,
+                claims.bam_seq,
+                False,
+                result_dict(appraisal, ids[1], ids[0], ear, now),
+                (next_nonce, next_expires),
+            )
+
         contra = appraisal.status == "contraindicated"
         return _Write(
             params=params,
@@ -411,14 +436,8 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
             ),
             audit_actor=f"policy:{appraisal.policy_id}"[:160],
             workload=wl["name"],
-            outcome=lambda ids: EvidenceOutcome(
-                ids[0],
-                digest,
-                claims.bam_seq,
-                False,
-                result_dict(appraisal, ids[1], ids[0], ear, now),
-                (next_nonce, next_expires),
-            ),
+            outcome=outcome,
+            new_files=new_files,
         )
 
     def _store_evidence(self, raw: Any, cur: Any, w: _Write) -> tuple[int, int]:
@@ -451,6 +470,8 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
         cur.execute(st.move_chain, params)
         if cur.rowcount != 1:
             raise RetryError
+        if params["files_json"] is not None:
+            cur.execute(st.insert_files, params)
         evidence_id = hot.one(cur, st.insert_evidence, params)[0]  # type: ignore[index]
         params["evidence_id"] = evidence_id
         result_id = hot.one(cur, st.insert_result, params)[0]  # type: ignore[index]
@@ -475,6 +496,8 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
             raise ServerError(422, "nonce_stale", "token was issued before its nonce")
         if moved != 1:
             raise RetryError
+        if params["files_json"] is not None:  # rare: a list given in full, not yet stored
+            cur.execute(st.insert_files, params)
         evidence_id, result_id, moved = hot.one(cur, st.pg_store, params) or (None, None, 0)
         if moved != 1:
             raise RetryError
@@ -504,17 +527,20 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
         wl: Mapping[str, Any],
         verified: VerifiedEvidence,
         missing: int,
+        files: Sequence[FileMeasurement],
     ) -> dict[str, Any]:
-        """The policy input for one verified token (kept small: set_input cost grows with it)."""
+        """The policy input for one verified token (kept small: set_input cost grows with it).
+
+        ``files``: the token's measured files (resolved, when it gave them by reference)."""
         claims = verified.claims
         ms = claims.submods.measurements
         ref: dict[str, str] = json.loads(wl["reference"])["files"] if wl["reference"] else {}
         mismatches = [
             {"path": f.path, "role": f.role}
-            for f in ms.files
+            for f in files
             if f.path in ref and ref[f.path] != f.sha256
         ]
-        unknown = sum(1 for f in ms.files if ref and f.path not in ref)
+        unknown = sum(1 for f in files if ref and f.path not in ref)
         b = claims.submods.behavior
         behavior = None
         if b is not None:
@@ -545,12 +571,12 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin):
                 "reference": bool(ref),
                 "mismatches": mismatches,
                 "unknown": unknown,
-                "deleted": [f.path for f in ms.files if f.deleted],
+                "deleted": [f.path for f in files if f.deleted],
                 "anon_exec_mappings": ms.anon_exec_mappings,
             },
             "intel": {
                 "matches": self.intel_matches(
-                    ((f.path, f.role, f.sha256) for f in ms.files), time.time()
+                    ((f.path, f.role, f.sha256) for f in files), time.time()
                 )
             },
             "behavior": behavior,
