@@ -131,3 +131,62 @@ def test_bench_server_json_shape(home: Path) -> None:
     assert run["p50_ms"] <= run["p99_ms"]
     assert run["stored_total"] >= run["measured"]
     assert os.cpu_count() == result["cpus"]
+
+
+@pytest.mark.slow
+def test_bench_server_files_full_and_by_reference(home: Path) -> None:
+    code, out, err = _run(
+        "bench", "server", "--json", "--database", "sqlite", "--agents", "1",
+        "--duration", "1", "--warmup", "0.5", "--workers", "1", "--batch", "2",
+        "--files", "full", "--files", "reference",
+    )  # fmt: skip
+    assert code == 0, out + err
+    runs = json.loads(out)["runs"]
+    assert [r["files"] for r in runs] == ["full", "reference"]
+    assert all(r["errors"] == 0 and r["measured"] > 0 for r in runs)
+    code, out, err = _run("bench", "server", "--database", "sqlite", "--files", "some")
+    assert code == 2
+    assert "--files 'some'" in err
+
+
+@pytest.mark.slow
+def test_bench_server_stopped_by_sigterm_stops_what_it_started(home: Path) -> None:
+    """A benchmark killed from outside (a timeout) must not leave its server running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "BAM_DATA_DIR": str(home / "data")}
+    cmd = [sys.executable, "-c", "from bam.cli import main; main()", "bench", "server"]
+    proc = subprocess.Popen(
+        [*cmd, "--database", "sqlite", "--duration", "60", "--agents", "1", "--workers", "1"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        server = None
+        deadline = time.monotonic() + 60
+        while server is None and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                try:
+                    cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+                if ppid == proc.pid and b"run" in cmdline and b"server" in cmdline:
+                    server = int(entry.name)
+            time.sleep(0.2)
+        assert server is not None, "the benchmark did not start a server"
+        time.sleep(3)  # agents enrolled and sending
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert b"interrupted" in err
+        assert not Path(f"/proc/{server}").exists(), "the server outlived the benchmark"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +45,25 @@ def user_errors() -> Iterator[None]:
     except BamError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM (``kill``, a CI timeout) unwind like Ctrl-C, so that ``with``/``finally``
+    blocks run: a benchmark killed from outside then still stops the server processes and the
+    throwaway PostgreSQL cluster it started, instead of leaving them running."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/]: stopped what was started", highlight=False)
+        raise typer.Exit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(fn: Callable[[], T]) -> T:

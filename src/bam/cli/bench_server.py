@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from bam.cli._common import console, print_json, user_errors
+from bam.cli._common import console, print_json, terminated_as_interrupt, user_errors
 from bam.cli.bench import app as bench_app
 
 
@@ -60,7 +60,7 @@ def bench_server_cmd(
     """N agent processes send real signed evidence over HTTP; report evidence/s, p50/p99, errors."""
     from bam.server.bench import bench_server
 
-    with user_errors():
+    with user_errors(), terminated_as_interrupt():
         result = bench_server(
             databases=database or ["sqlite", "postgresql"],
             agents=agents,

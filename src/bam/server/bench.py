@@ -374,6 +374,10 @@ def _run_one(
                     raise BamError("an agent did not report")
                 results.append(pipe.recv())
             counters = _scrape(srv.url, viewer, verify)
+        except BaseException:  # interrupted or failed: the agents' results no longer matter
+            for p in procs:
+                p.kill()
+            raise
         finally:
             for p in procs:
                 p.join(timeout=10)
