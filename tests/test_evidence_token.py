@@ -1,6 +1,7 @@
 """Building and signing evidence tokens; checked with an independent JOSE library (joserfc).
 
-BAM itself uses PyJWT (for signature verification); joserfc appears only here, in tests.
+BAM verifies signatures itself (libsodium for Ed25519, cryptography for P-256); joserfc, an
+independent JOSE library, appears only here, in tests.
 """
 
 from __future__ import annotations
