@@ -3,12 +3,14 @@ over real HTTP on SQLite and PostgreSQL; and the migrated schema equals the mode
 
 from __future__ import annotations
 
+import httpx
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 from bam.evidence import EvidenceBuilder
 from bam.server.client import OperatorClient
 from bam.server.db.models import Base
+from bam.server.deps import SESSION_COOKIE
 from bam.server.harness import ServerProcess
 from bam.server.service import Service
 from evidence_support import make_behavior, make_measurements
@@ -18,7 +20,7 @@ __all__ = ["admin", "admin_token", "backend", "server"]  # fixtures, shared with
 
 
 def test_diverged_chain_is_refused_until_an_operator_resets_it(
-    server: ServerProcess, admin: OperatorClient
+    server: ServerProcess, admin: OperatorClient, admin_token: str
 ) -> None:
     agent = Agent(server, admin)
     agent.send()
@@ -31,6 +33,24 @@ def test_diverged_chain_is_refused_until_an_operator_resets_it(
         return lost.build(nonce, make_measurements(agent.workload), make_behavior("none")).token
 
     _expect("seq_replay", 409, agent.client.submit, again())
+    # Remembered on the agent (only an operator can end it) and shown on the dashboard.
+    listed = {a["name"]: a for a in admin.get("/v1/agents")["agents"]}[agent.name]
+    assert listed["refused_reason"] == "seq_replay"
+    assert listed["refused_at"] is not None
+    fleet = httpx.get(
+        f"{server.url}/dashboard/fleet.frag", cookies={SESSION_COOKIE: admin_token}, timeout=30
+    )
+    assert fleet.status_code == 200
+    assert "agent blocked: seq_replay" in fleet.text
+    # The same from a batch.
+    lost = EvidenceBuilder(agent.signer)
+    tokens = [
+        lost.build(n, make_measurements(agent.workload), make_behavior("none")).token
+        for n in agent.client.challenges(2)
+    ]
+    items = agent.client.submit_batch(tokens)
+    assert [it.get("reason") for it in items] == ["seq_replay", "batch_aborted"]
+    lost = EvidenceBuilder(agent.signer)
     _expect("agent_unknown", 404, admin.post, "/v1/agents/no-such-agent/reset-chain", {})
     out = admin.post(f"/v1/agents/{agent.name}/reset-chain", {"note": "disk replaced"})
     assert out["name"] == agent.name
@@ -44,6 +64,8 @@ def test_diverged_chain_is_refused_until_an_operator_resets_it(
     assert first["seq"] == 1
     assert first["result"]["status"] == "warning"
     assert any(r.startswith("chain_reset") for r in first["result"]["reasons"])
+    listed = {a["name"]: a for a in admin.get("/v1/agents")["agents"]}[agent.name]
+    assert listed["refused_reason"] is None  # cleared by the accepted token
     second = agent.client.submit(again())
     assert second["seq"] == 2
     stored = admin.get(f"/v1/workloads/{agent.workload}/evidence")["evidence"]

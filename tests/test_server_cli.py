@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from typer.testing import CliRunner
 
 from bam.cli import app
+from bam.server.db.engine import alembic_config
 from bam.server.policy import default_source
 
 
@@ -34,7 +36,8 @@ def test_init_makes_database_key_tls_and_admin_token(home: Path) -> None:
     server_dir = home / "data" / "server"
     assert info["database"].startswith("sqlite:///")
     assert (server_dir / "bam.db").exists()
-    assert info["schema_revision"] == "0004"
+    newest = ScriptDirectory.from_config(alembic_config(info["database"])).get_current_head()
+    assert info["schema_revision"] == newest
     assert info["policy"] == "bam-default@v1"
     assert info["admin_token"].startswith("bamop_")
     token_file = Path(info["admin_token_file"])

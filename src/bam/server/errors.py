@@ -22,6 +22,16 @@ class ServerError(BamError):
         super().__init__(f"{reason}: {message}")
 
 
+class ChainDivergedError(ServerError):
+    """A verified token that does not extend the agent's chain (``seq_replay``,
+    ``chain_broken``): no token can change that until an operator resets the chain, so the
+    server remembers it on the agent (``agent_id``) for operators to see."""
+
+    def __init__(self, error: ServerError, agent_id: str) -> None:
+        super().__init__(error.status, error.reason, error.message, error.headers)
+        self.agent_id = agent_id
+
+
 class PolicyError(ServerError):
     """A policy did not compile, or did not evaluate to a valid decision."""
 

@@ -75,6 +75,9 @@ class WorkloadOut(BaseModel):
     last_evidence_at: float | None
     last_result_at: float | None
     has_reference: bool
+    agent_refused: str | None = None
+    """Why the workload's agent is refused until an operator acts (see ``AgentOut``)."""
+    agent_refused_at: float | None = None
 
 
 class WorkloadList(BaseModel):
@@ -279,6 +282,10 @@ class AgentOut(BaseModel):
     """Chain resets so far (``bam server reset-chain``)."""
     last_seq: int
     last_evidence_at: float | None
+    refused_reason: str | None = None
+    """Set while the agent's chain has diverged (``seq_replay``, ``chain_broken``): its tokens
+    are refused until an operator runs ``bam server reset-chain``."""
+    refused_at: float | None = None
 
 
 class AgentList(BaseModel):

@@ -103,7 +103,7 @@ USE_NONCE = (
 _CHAIN_SET = (
     "UPDATE agents SET last_seq = :seq, last_digest = :digest, last_nonce = :nonce,"
     " last_evidence_at = :now, tpm_clock = :tpm_clock, tpm_reset = :tpm_reset,"
-    " tpm_restart = :tpm_restart, tpm_safe = :tpm_safe, tpm_ak = :tpm_ak"
+    " tpm_restart = :tpm_restart, tpm_safe = :tpm_safe, tpm_ak = :tpm_ak, refused_reason = NULL"
     " WHERE id = :agent AND last_seq = :old_seq AND chain_epoch = :epoch"
 )
 MOVE_CHAIN = _CHAIN_SET

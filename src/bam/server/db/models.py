@@ -66,6 +66,10 @@ class Agent(Base):
     tpm_ak: Mapped[str | None] = mapped_column(String(64))
     chain_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """How many times an operator reset the chain (each reset starts a new one at seq 1)."""
+    refused_reason: Mapped[str | None] = mapped_column(String(64))
+    """Why the agent's last token was refused, when only an operator can end it (its chain
+    diverged: ``seq_replay``, ``chain_broken``); cleared by its next accepted token."""
+    refused_at: Mapped[float | None] = mapped_column(Float)
 
 
 class EnrolToken(Base):

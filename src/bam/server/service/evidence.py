@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import Connection, RowMapping, insert, select
+from sqlalchemy import Connection, RowMapping, insert, select, update
 from starlette.concurrency import run_in_threadpool
 
 from bam.evidence.canonical import b64url_decode, sha256_hex, strict_json_object
@@ -38,7 +38,7 @@ from bam.server import ratelimit
 from bam.server.db import hot
 from bam.server.db.groupcommit import CommitFailedError
 from bam.server.ear import sign_ear
-from bam.server.errors import ServerError
+from bam.server.errors import ChainDivergedError, ServerError
 from bam.server.service.appraisal import (
     AppraisalMixin,
     RetryError,
@@ -47,7 +47,7 @@ from bam.server.service.appraisal import (
     result_dict,
     workload_input,
 )
-from bam.server.service.core import E, N, R, dumps, nonce_hash
+from bam.server.service.core import A, E, N, R, dumps, nonce_hash
 from bam.server.service.file_sets import Files, FileSetsMixin
 from bam.server.service.intel import IntelMixin
 from bam.server.service.queries import QueriesMixin, result_out
@@ -58,6 +58,8 @@ MAX_NONCES = 64
 # Verification failures and the HTTP status they answer with.
 _UNAUTHENTICATED = {"unknown_key", "bad_signature", "alg_key_mismatch", "ueid_mismatch"}
 _CONFLICT = {"seq_replay", "nonce_reused", "nonce_used"}
+# Refusals only an operator can end (bam server reset-chain): remembered on the agent.
+CHAIN_DIVERGED = frozenset({"seq_replay", "chain_broken"})
 _INS_NONCE = insert(N)
 
 
@@ -184,7 +186,12 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin, FileSetsMixin):
         try:
             cur = raw.cursor()
             for _attempt in range(_ATTEMPTS):
-                prepared = self._prepare(cur, text, digest, kid)
+                try:
+                    prepared = self._prepare(cur, text, digest, kid)
+                except ChainDivergedError as e:
+                    raw.rollback()
+                    self.note_refusal(e)
+                    raise
                 if isinstance(prepared, EvidenceOutcome):
                     return prepared
                 try:
@@ -213,7 +220,11 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin, FileSetsMixin):
             return await run_in_threadpool(self.submit_evidence, token)
         text, digest, kid = _parse(token)
         for _attempt in range(_ATTEMPTS):
-            prepared = self._prepare(db.cursor, text, digest, kid)
+            try:
+                prepared = self._prepare(db.cursor, text, digest, kid)
+            except ChainDivergedError as e:
+                await run_in_threadpool(self.note_refusal, e)
+                raise
             if isinstance(prepared, EvidenceOutcome):
                 return prepared
             try:
@@ -253,7 +264,24 @@ class EvidenceMixin(AppraisalMixin, QueriesMixin, IntelMixin, FileSetsMixin):
             raise ratelimit.limited(agent["id"], limit, now)
         if carry is not None:
             agent.update(carry.agent)
-        return self._appraise_evidence(cur, text, digest, agent, self._vk(agent["jwk"]), carry)
+        try:
+            return self._appraise_evidence(cur, text, digest, agent, self._vk(agent["jwk"]), carry)
+        except ServerError as e:
+            if e.reason in CHAIN_DIVERGED:
+                raise ChainDivergedError(e, agent["id"]) from None
+            raise
+
+    def note_refusal(self, error: ChainDivergedError) -> None:
+        """Remember on the agent that its chain diverged (its next accepted token clears it).
+
+        A write on a refusal, but only after the token's signature verified: an agent can
+        only mark itself, at most once per request its rate limit allows."""
+        with self.write() as conn:
+            conn.execute(
+                update(A)
+                .where(A.c.id == error.agent_id)
+                .values(refused_reason=error.reason, refused_at=time.time())
+            )
 
     def _duplicate_by_id(self, evidence_id: int, digest: str) -> EvidenceOutcome | None:
         with self.read() as conn:

@@ -31,7 +31,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from bam.server.db.groupcommit import CommitFailedError
-from bam.server.errors import ServerError
+from bam.server.errors import ChainDivergedError, ServerError
 from bam.server.service.appraisal import RetryError
 from bam.server.service.evidence import (
     _ATTEMPTS,
@@ -79,6 +79,9 @@ class EvidenceBatchMixin(EvidenceMixin):
             tail: list[BatchItem] = []
             for _attempt in range(_ATTEMPTS + len(parsed)):
                 items = self._prepare_batch(cur, parsed[:n])
+                for refusal in _refusals(items):
+                    raw.rollback()
+                    self.note_refusal(refusal)
                 writes = [x for x in items if isinstance(x, _Write)]
                 try:
                     ids = self._store_batch(raw, cur, writes)
@@ -108,6 +111,8 @@ class EvidenceBatchMixin(EvidenceMixin):
         tail: list[BatchItem] = []
         for _attempt in range(_ATTEMPTS + len(parsed)):
             items = self._prepare_batch(db.cursor, parsed[:n])
+            for refusal in _refusals(items):
+                await run_in_threadpool(self.note_refusal, refusal)
             writes = [x for x in items if isinstance(x, _Write)]
             if not writes:
                 return _answers(items, []) + tail
@@ -165,6 +170,11 @@ class EvidenceBatchMixin(EvidenceMixin):
         ids = self._write_batch(writes, cur)
         raw.commit()
         return ids
+
+
+def _refusals(items: Sequence[object]) -> list[ChainDivergedError]:
+    """The chain refusals among a batch's answers (at most one: processing stops there)."""
+    return [x for x in items if isinstance(x, ChainDivergedError)]
 
 
 def _parse_batch(tokens: Sequence[str]) -> list[tuple[str, str, str]]:

@@ -37,7 +37,14 @@ class QueriesMixin(ServiceCore):
         with self.read() as conn:
             j = W.join(A, W.c.agent_id == A.c.id)
             rows = conn.execute(
-                select(W, A.c.name.label("agent_name")).select_from(j).order_by(W.c.name)
+                select(
+                    W,
+                    A.c.name.label("agent_name"),
+                    A.c.refused_reason.label("agent_refused"),
+                    A.c.refused_at.label("agent_refused_at"),
+                )
+                .select_from(j)
+                .order_by(W.c.name)
             ).mappings()
             return [_workload_out(r) for r in rows]
 
@@ -128,6 +135,8 @@ class QueriesMixin(ServiceCore):
                     "chain_epoch": r["chain_epoch"],
                     "last_seq": r["last_seq"],
                     "last_evidence_at": r["last_evidence_at"],
+                    "refused_reason": r["refused_reason"],
+                    "refused_at": r["refused_at"],
                 }
                 for r in rows
             ]
@@ -159,6 +168,8 @@ def _workload_out(row: RowMapping) -> dict[str, Any]:
         "last_evidence_at": row["last_evidence_at"],
         "last_result_at": row["last_result_at"],
         "has_reference": row["reference"] is not None,
+        "agent_refused": row.get("agent_refused"),
+        "agent_refused_at": row.get("agent_refused_at"),
     }
 
 
