@@ -23,7 +23,11 @@ def fit(
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the model.")],
     fmt: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "strace",
     detector: Annotated[
-        str, typer.Option(help="lm, catlm, hmm, stide, t-stide, gmm or ensemble.")
+        str,
+        typer.Option(
+            help="lm, catlm, hmm, stide, t-stide, gmm or ensemble; "
+            "append +set (e.g. catlm+set) to also score syscall-set novelty."
+        ),
     ] = "lm",
     target_far: Annotated[
         float, typer.Option(help="Target false-alarm rate for the calibrated thresholds.")
@@ -32,14 +36,12 @@ def fit(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Fit a baseline on normal traces and calibrate its thresholds on held-out normal data."""
-    from bam.detect import Baseline
-    from bam.models import make_detector
+    from bam.detect.baseline import make_baseline
     from bam.traces import read_traces
 
     with user_errors():
         try:
-            det = make_detector(detector)
-            base = Baseline(det, window=window, target_far=target_far)
+            base = make_baseline(detector, window=window, target_far=target_far)
         except ValueError as e:
             raise BamError(str(e)) from None
         data = list(read_traces(fmt, traces))

@@ -9,6 +9,20 @@ Scoring is local: each thread's calls are scored in context, averaged over slidi
 threshold) or its overall mean (relative to the mean threshold), whichever is further past its
 threshold. A short attack inside a long, otherwise normal trace therefore still stands out,
 while a trace that is mildly odd throughout is caught by its mean.
+
+With ``set_novelty`` the trace score also weighs *which* calls a trace makes, ignoring order
+(:mod:`bam.detect.set_novelty`): the distance of its most unusual thread's call set to the
+nearest normal thread's. The two are combined as p-values (Stouffer):
+``score = (z(p_stat) + z(p_set)) / sqrt(2)``, each ``p`` the tail probability of the value
+among the calibration traces (:class:`~bam.detect.tail.TailModel`: empirical in the bulk,
+exponential beyond) and ``z(p)`` the standard normal quantile above which ``p`` lies; the
+trace threshold is the conformal order statistic of the calibration traces' own scores.
+Why Stouffer rather than averaging ranks (which scored the same on ADFA-LD): a z-score is
+unbounded, so one overwhelming term (a wild call sequence made of ordinary calls, or one
+never-seen call in an ordinary sequence) still carries a trace past the threshold alone,
+and a trace beyond everything seen in calibration still ranks by how far. Averaged ranks
+saturate at the calibration maximum: with the few calibration traces of one workload's
+profile, nothing could pass a threshold placed there.
 """
 
 from __future__ import annotations
@@ -21,17 +35,24 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
+from scipy.special import ndtri
 
+from bam.detect.set_novelty import SetMemory
 from bam.detect.severity import level_of, severity_of_windows
 from bam.detect.tail import TailModel
 from bam.errors import ModelError
 from bam.events import Trace
+from bam.models import make_detector
 from bam.models.base import CallDetector, Contribution, Detector
 from bam.models.ensemble import split_holdout
 from bam.models.persistence import load_artifact, save_artifact
+from bam.syscalls import name_of
 
 F64 = npt.NDArray[np.float64]
 I32 = npt.NDArray[np.int32]
+
+SET_SUFFIX = "+set"  # ``catlm+set``: a detector name with syscall-set novelty switched on
+_SET_ARRAYS = "baseline_set_"  # prefix of the set-novelty arrays in a saved baseline
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +113,7 @@ class Baseline:
         target_far: float = 0.01,
         holdout: float = 0.25,
         seed: int = 0,
+        set_novelty: bool = False,
     ) -> None:
         if window < 2:
             raise ValueError("window must be >= 2 calls")
@@ -104,6 +126,7 @@ class Baseline:
         self.target_far = target_far
         self.holdout = holdout
         self.seed = seed
+        self.set_novelty = set_novelty
 
     # ------------------------------------------------------------------ fitting
     def fit(self, traces: Sequence[Trace]) -> Self:
@@ -127,6 +150,8 @@ class Baseline:
             cal = [c for c in cal if c]
             if not cal:
                 raise ModelError("normal traces are too short to hold out calibration data")
+        if self.set_novelty:
+            self.set_memory_ = SetMemory.fit(fit_seqs)
         if not isinstance(self.detector, CallDetector):
             # order-blind detectors score window-sized slices: learn from the same shape
             fit_seqs = self._slices(fit_seqs)[0]
@@ -157,15 +182,44 @@ class Baseline:
         self.frame_tail_ = TailModel().fit(all_windows)
         self.mean_tail_ = TailModel().fit(all_means)
         stats = np.array([self._statistic(tr) for tr in per_trace])
-        self.trace_threshold_ = conformal_threshold(stats, self.target_far)
+        self.statistic_threshold_ = conformal_threshold(stats, self.target_far)
+        self.trace_threshold_ = self.statistic_threshold_
         self.calibration_ = {
             "traces": len(per_trace),
             "windows": len(all_windows),
             "window_score_median": float(np.median(all_windows)),
             "trace_statistic_median": float(np.median(stats)),
         }
+        if self.set_novelty:
+            dists = self._set_distances(cal)
+            self.statistic_tail_ = TailModel().fit(stats)
+            self.set_tail_ = TailModel().fit(dists)
+            self.trace_threshold_ = conformal_threshold(self._fuse(stats, dists), self.target_far)
+            self.calibration_["set_distance_median"] = float(np.median(dists))
         self.fitted_ = True
         return self
+
+    def _set_distances(self, traces: Sequence[Sequence[I32]]) -> F64:
+        """Set distance of each trace: that of its most unusual (non-empty) thread."""
+        flat = [s for seqs in traces for s in seqs if len(s)]
+        owner = np.repeat(
+            np.arange(len(traces)), [sum(1 for s in seqs if len(s)) for seqs in traces]
+        )
+        out = np.zeros(len(traces), dtype=np.float64)
+        np.maximum.at(out, owner, self.set_memory_.distances(flat))
+        return out
+
+    def _z_scores(self, stats: npt.ArrayLike, dists: npt.ArrayLike) -> tuple[F64, F64]:
+        """Standard normal quantiles of the statistic's and set distance's tail probabilities
+        among the calibration traces (higher = more unusual; unbounded)."""
+        st, se = self.statistic_tail_, self.set_tail_
+        return _z(st.log10_sf(stats), st.n_), _z(se.log10_sf(dists), se.n_)
+
+    def _fuse(self, stats: npt.ArrayLike, dists: npt.ArrayLike) -> F64:
+        """Stouffer's combination of the two terms (see the module docstring)."""
+        z_stat, z_set = self._z_scores(stats, dists)
+        out: F64 = (z_stat + z_set) / math.sqrt(2.0)
+        return out
 
     def _independent(self, ts: ThreadScores) -> npt.NDArray[np.intp]:
         """Indices of non-overlapping frames of a thread (always including the last)."""
@@ -264,7 +318,20 @@ class Baseline:
         if not threads:
             return Verdict(trace.name, 0.0, self.trace_threshold_, False, "none", 0.0, None)
         stat = self._statistic(threads)
-        anomalous = stat > self.trace_threshold_
+        score = stat
+        set_driven = False
+        novel: I32 = np.empty(0, dtype=np.int32)
+        if self.set_novelty:
+            dists, nearest = self.set_memory_.nearest(seqs)
+            odd = int(np.argmax(dists))  # the thread with the most unusual call set
+            score = float(self._fuse([stat], dists[odd : odd + 1])[0])
+            z_stat, z_set = self._z_scores([stat], dists[odd : odd + 1])
+            novel = self.set_memory_.novel_calls(seqs[odd], int(nearest[odd]))
+            # the set term is at least as unusual as the statistic: say which calls made it so
+            set_driven = bool(z_set[0] >= z_stat[0] and len(novel))
+        anomalous = score > self.trace_threshold_
+        # new calls in an anomalous trace are worth naming even when its order stood out more
+        name_novel = len(novel) > 0 and (set_driven or anomalous)
         w = self.window
         n_windows = 0
         n_anom = 0
@@ -283,7 +350,7 @@ class Baseline:
             # the start of the anomalous episode around this thread's worst frame: the first of
             # the consecutive frames that each alone make the trace anomalous (an isolated
             # borderline frame long before is not where the anomaly began)
-            over = self._frame_stats(ts.scores, n_frames) > self.trace_threshold_
+            over = self._frame_stats(ts.scores, n_frames) > self.statistic_threshold_
             peak = int(np.argmax(ts.scores))
             if over[peak]:
                 calm = np.flatnonzero(~over[:peak])
@@ -292,7 +359,7 @@ class Baseline:
                 if t0 is not None and (first_ts is None or t0 < first_ts):
                     first_ts = t0
         if anomalous and sev_value < 1.0:
-            sev_value = max(1.0, stat / max(self.trace_threshold_, 1e-9))
+            sev_value = max(1.0, score / max(self.trace_threshold_, 1e-9))
         if not anomalous:
             sev_value = 0.0
         severity = level_of(sev_value) if anomalous else "none"
@@ -305,13 +372,30 @@ class Baseline:
         contribs: list[Contribution] = (
             self.detector.explain(seg, top, context=ctx) if len(seg) else []
         )
+        if name_novel:
+            # name the calls no similar normal thread makes (first when the call set is what
+            # stands out most), and date the anomaly from the first of them
+            names = " ".join(name_of(int(c)) for c in novel)
+            contribs.insert(
+                0 if set_driven else 1,
+                Contribution(
+                    f"calls its nearest normal thread never makes: {names}",
+                    float(dists[odd]),
+                    len(novel),
+                ),
+            )
+            if anomalous:
+                pos = int(np.argmax(np.isin(seqs[odd], novel)))
+                t_new = float(trace.events.ts[int(thread_idx[odd][pos])])
+                if not math.isnan(t_new) and (first_ts is None or t_new < first_ts):
+                    first_ts = t_new
         if anomalous and first_ts is None:
             first_ts = self._peak_time(
                 trace, thread_idx[worst.tid_index], worst, int(np.argmax(worst.scores))
             )
         return Verdict(
             trace=trace.name,
-            score=round(stat, 6),
+            score=round(score, 6),
             threshold=round(self.trace_threshold_, 6),
             anomalous=bool(anomalous),
             severity=severity,
@@ -335,7 +419,11 @@ class Baseline:
         return None if math.isnan(t0) else t0
 
     def trace_scores(self, traces: Sequence[Sequence[I32]]) -> F64:
-        """Trace statistic for many traces given as per-thread sequences (batched, for eval)."""
+        """Trace score for many traces given as per-thread sequences (batched, for eval).
+
+        The trace statistic, or with ``set_novelty`` its combination with the set distance:
+        either way comparable with ``trace_threshold_``.
+        """
         self.check_fitted()
         flat = [s for seqs in traces for s in seqs if len(s)]
         owner = np.repeat(
@@ -345,7 +433,10 @@ class Baseline:
         groups: list[list[ThreadScores]] = [[] for _ in traces]
         for t, o in zip(threads, owner, strict=True):
             groups[int(o)].append(t)
-        return np.array([self._statistic(g) for g in groups])
+        stats = np.array([self._statistic(g) for g in groups])
+        if self.set_novelty:
+            return self._fuse(stats, self._set_distances(traces))
+        return stats
 
     # ------------------------------------------------------------------ persistence
     def thresholds(self) -> dict[str, float]:
@@ -364,7 +455,7 @@ class Baseline:
         """Save detector + thresholds as one artefact; returns its ``model_id``."""
         self.check_fitted()
         det_meta, arrays = self.detector.state()
-        meta = {
+        meta: dict[str, Any] = {
             "detector": det_meta,
             "params": {
                 "window": self.window,
@@ -379,6 +470,18 @@ class Baseline:
             "n_traces": self.n_traces_,
             "history": history if history is not None else getattr(self, "history_", []),
         }
+        if self.set_novelty:
+            # only when on, so that baselines without it keep their content and model_id
+            meta["params"]["set_novelty"] = True
+            meta["set_novelty"] = {
+                "statistic_threshold": self.statistic_threshold_,
+                "statistic_tail": self.statistic_tail_.state(),
+                "set_tail": self.set_tail_.state(),
+            }
+            own = self.set_memory_.arrays(_SET_ARRAYS)
+            if own.keys() & arrays.keys():
+                raise ModelError("detector arrays clash with the baseline's set-novelty arrays")
+            arrays = {**arrays, **own}
         mid = save_artifact(path, "baseline", meta, arrays)
         self.model_id_ = mid
         return mid
@@ -402,11 +505,37 @@ class Baseline:
             b.n_fit_calls_ = int(meta.get("n_fit_calls", 0))
             b.n_traces_ = int(meta.get("n_traces", 0))
             b.history_ = list(meta.get("history", []))
+            b.statistic_threshold_ = b.trace_threshold_
+            if b.set_novelty:
+                sn = meta["set_novelty"]
+                b.statistic_threshold_ = float(sn["statistic_threshold"])
+                b.statistic_tail_ = TailModel.from_state(sn["statistic_tail"])
+                b.set_tail_ = TailModel.from_state(sn["set_tail"])
+                b.set_memory_ = SetMemory.from_arrays(arrays, _SET_ARRAYS)
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{path}: baseline metadata is incomplete: {e}") from None
         b.model_id_ = mid
         b.fitted_ = True
         return b
+
+
+def make_baseline(name: str, window: int = 100, target_far: float = 0.01) -> Baseline:
+    """An unfitted baseline by detector name (``catlm``...; ``catlm+set`` adds set novelty)."""
+    set_novelty = name.endswith(SET_SUFFIX)
+    det = make_detector(name.removesuffix(SET_SUFFIX) if set_novelty else name)
+    return Baseline(det, window=window, target_far=target_far, set_novelty=set_novelty)
+
+
+def _z(log10_p: F64, n: int) -> F64:
+    """The standard normal quantile with upper tail ``10**log10_p`` (exact for tiny p).
+
+    ``p`` is at most ``n / (n + 1)`` (``n`` calibration traces), as a conformal p-value: a
+    value at or below everything calibrated is "typical", not evidence of normality strong
+    enough to cancel an overwhelming other term.
+    """
+    p = np.clip(np.power(10.0, log10_p), 1e-300, n / (n + 1.0))
+    out: F64 = -ndtri(p)
+    return out
 
 
 def _above(threshold: float, center: float) -> float:
