@@ -438,3 +438,14 @@ def test_open_drift_and_alert_survive_a_restart(
     assert back.findings_[-1]["kind"] == "drift-acknowledged"
     with pytest.raises(ModelError, match="no drift finding"):
         back.acknowledge_drift()
+
+
+def test_a_refit_keeps_the_baseline_options(profile: tuple[Baseline, list[Trace]]) -> None:
+    """An update refits with the same Baseline parameters, syscall-set novelty included."""
+    _, traces = profile
+    base = Baseline(make_detector("lm"), window=WINDOW, target_far=0.01, set_novelty=True)
+    ab = AdaptiveBaseline.from_traces(base.fit(traces), traces, min_interval=100)
+    ab._refit(ab.corpus_, None, "test", 1)
+    assert ab.baseline is not base
+    assert ab.baseline.set_novelty
+    assert ab.baseline.set_memory_.sets.size > 0

@@ -98,20 +98,24 @@ def adfa_ld(
     ] = None,
     detectors: Annotated[
         str, typer.Option(help="Comma-separated detectors to evaluate.")
-    ] = "lm,catlm,hmm,stide,t-stide,gmm,ensemble",
+    ] = "lm,catlm,hmm,stide,t-stide,gmm,ensemble,catlm+set",
     classifier: Annotated[
         bool, typer.Option(help="Also evaluate the supervised classifier.")
     ] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Evaluate every detector (and the classifier) on ADFA-LD's official protocol."""
+    from bam.detect.baseline import SET_SUFFIX
     from bam.models import DETECTORS
 
     with user_errors():
         names = [d.strip() for d in detectors.split(",") if d.strip()]
-        bad = [d for d in names if d not in DETECTORS]
+        bad = [d for d in names if d.removesuffix(SET_SUFFIX) not in DETECTORS]
         if bad:
-            raise BamError(f"unknown detector(s) {', '.join(bad)}; expected {', '.join(DETECTORS)}")
+            raise BamError(
+                f"unknown detector(s) {', '.join(bad)}; expected {', '.join(DETECTORS)}"
+                f" (each may end in {SET_SUFFIX!r}: with syscall-set novelty)"
+            )
         result = run_adfa(path, names, classifier, quiet=False)
     if json_out:
         print_json(result)

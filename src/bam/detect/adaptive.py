@@ -591,7 +591,12 @@ class AdaptiveBaseline:
         old = self.baseline
         det = Detector.from_state(*old.detector.state())  # same kind, params and structure
         new = Baseline(
-            det, window=old.window, target_far=old.target_far, holdout=old.holdout, seed=old.seed
+            det,
+            window=old.window,
+            target_far=old.target_far,
+            holdout=old.holdout,
+            seed=old.seed,
+            set_novelty=old.set_novelty,
         ).fit(corpus.traces())
         old_id = self.model_id_ or _content_id(old)
         new_id = _content_id(new)
