@@ -217,9 +217,7 @@ class Baseline:
 
     def _fuse(self, stats: npt.ArrayLike, dists: npt.ArrayLike) -> F64:
         """Stouffer's combination of the two terms (see the module docstring)."""
-        z_stat, z_set = self._z_scores(stats, dists)
-        out: F64 = (z_stat + z_set) / math.sqrt(2.0)
-        return out
+        return _stouffer(*self._z_scores(stats, dists))
 
     def _independent(self, ts: ThreadScores) -> npt.NDArray[np.intp]:
         """Indices of non-overlapping frames of a thread (always including the last)."""
@@ -324,8 +322,8 @@ class Baseline:
         if self.set_novelty:
             dists, nearest = self.set_memory_.nearest(seqs)
             odd = int(np.argmax(dists))  # the thread with the most unusual call set
-            score = float(self._fuse([stat], dists[odd : odd + 1])[0])
             z_stat, z_set = self._z_scores([stat], dists[odd : odd + 1])
+            score = float(_stouffer(z_stat, z_set)[0])
             novel = self.set_memory_.novel_calls(seqs[odd], int(nearest[odd]))
             # the set term is at least as unusual as the statistic: say which calls made it so
             set_driven = bool(z_set[0] >= z_stat[0] and len(novel))
@@ -524,6 +522,12 @@ def make_baseline(name: str, window: int = 100, target_far: float = 0.01) -> Bas
     set_novelty = name.endswith(SET_SUFFIX)
     det = make_detector(name.removesuffix(SET_SUFFIX) if set_novelty else name)
     return Baseline(det, window=window, target_far=target_far, set_novelty=set_novelty)
+
+
+def _stouffer(z_stat: F64, z_set: F64) -> F64:
+    """Stouffer's combination of two z-scores (equal weights)."""
+    out: F64 = (z_stat + z_set) / math.sqrt(2.0)
+    return out
 
 
 def _z(log10_p: F64, n: int) -> F64:

@@ -229,11 +229,13 @@ class EvidenceBuilder:
         if hit is not None and hit[0] is model:
             self._fragments.move_to_end(key)
             return hit[1], hit[2]
-        value = model.model_dump(mode="json", exclude_none=True)
-        if isinstance(model, Measurements) and value["files"]:
-            value.setdefault("files_sha256", files_sha256(value["files"]))
-            if by_reference:
-                value["files"] = []
+        if by_reference:  # the full fragment without its list (dumped and digested once)
+            full = self._fragment(model)[0]
+            value = {**full, "files": []} if full.get("files") else full
+        else:
+            value = model.model_dump(mode="json", exclude_none=True)
+            if isinstance(model, Measurements) and value["files"]:
+                value.setdefault("files_sha256", files_sha256(value["files"]))
         text = _json(value)
         self._fragments[key] = (model, value, text)
         if len(self._fragments) > self.FRAGMENTS:
