@@ -89,7 +89,11 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # failed, or interrupted (Ctrl-C, SIGTERM) while starting:
+            self.stop()  # it is not the caller's yet, so never leave it running
+            raise
         return self
 
     def _wait_ready(self) -> None:
